@@ -1,0 +1,46 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Debian packages the tests use (loop-mounted ext4 images, power-cut copies).
+TEST_DEBS  := e2fsprogs util-linux mount
+# The tools the benchmarks compare against.
+BENCH_DEBS := rsync zstd
+
+.PHONY: all venv demo test test-long lint bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+test: venv
+	sh scripts/deb-deps.sh $(TEST_DEBS)
+	$(BIN)/ruff check harmonicd tests benchmarks scripts
+	$(BIN)/mypy
+	$(BIN)/pytest -q -m "not long"
+
+test-long: venv
+	sh scripts/deb-deps.sh $(TEST_DEBS)
+	$(BIN)/pytest -q -m long
+
+lint: venv
+	$(BIN)/ruff check harmonicd tests benchmarks scripts
+	$(BIN)/mypy
+
+bench: venv
+	sh scripts/deb-deps.sh $(BENCH_DEBS)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,214 @@
+"""Configuration: TOML in, one frozen dataclass out, validated in one place.
+
+Every problem is a ConfigError naming the file and the key. Defaults live
+here in code; docs/harmonicd.example.toml is the commented example. The
+config object is passed explicitly; there is no global.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from harmonicd.core import keys
+from harmonicd.core.ident import check_collection, check_server_id
+from harmonicd.errors import ConfigError, HarmonicError
+
+DEFAULT_PATH = "/etc/harmonicd/harmonicd.toml"
+DEFAULT_SOCKET = "/run/harmonicd/control.sock"
+# FAT32 cannot hold a file of 4 GiB or more; stay clearly below it.
+DEFAULT_VOLUME_SIZE = 4_000_000_000
+MIN_VOLUME_SIZE = 64 << 10
+NODE_COLLECTIONS = ("stats", "backup")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    id: str
+    role: str  # 'master' or 'node'
+    state_dir: str
+    socket: str = DEFAULT_SOCKET
+    listen: str = ""
+    upstream_url: str = ""
+    master_key: bytes | None = None
+    sources: dict[str, str] = field(default_factory=dict)  # owned collection -> source folder
+    volume_size: int = DEFAULT_VOLUME_SIZE
+    archive_keep_days: int = 0  # 0: keep forever
+    media_devices: tuple[str, ...] = ("usb",)
+    deploy_dir: str = ""
+
+    @property
+    def is_master(self) -> bool:
+        return self.role == "master"
+
+
+def config_path(explicit: str | None) -> str:
+    return explicit or os.environ.get("HARMONICD_CONFIG") or DEFAULT_PATH
+
+
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\Z")
+_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
+          "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value.strip())
+        if m:
+            return int(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a size (bytes, or a number with KiB, MiB, GiB)")
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no configuration file (run `harmonicctl init` first, "
+                          "or give --config)") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied reading the configuration") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    return validate(data, path)
+
+
+def validate(data: dict[str, Any], path: str) -> Config:
+    def err(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{path}: {key}: {why}")
+
+    def table(name: str) -> dict[str, Any]:
+        v = data.get(name, {})
+        if not isinstance(v, dict):
+            raise err(name, "must be a table")
+        return v
+
+    def text(t: dict[str, Any], tname: str, key: str, default: str | None = None) -> str:
+        v = t.get(key, default)
+        if v is None:
+            raise err(f"{tname}.{key}", "is required")
+        if not isinstance(v, str):
+            raise err(f"{tname}.{key}", "must be a string")
+        return v
+
+    known = {"server", "upstream", "collections", "packs", "archive", "media", "deploy"}
+    for k in data:
+        if k not in known:
+            raise err(k, f"unknown section (known: {', '.join(sorted(known))})")
+
+    server = table("server")
+    try:
+        sid = check_server_id(text(server, "server", "id"))
+    except HarmonicError as exc:
+        raise err("server.id", str(exc)) from None
+    role = text(server, "server", "role")
+    if role not in ("master", "node"):
+        raise err("server.role", f"must be 'master' or 'node', not {role!r}")
+    state_dir = text(server, "server", "state_dir")
+    if not os.path.isabs(state_dir):
+        raise err("server.state_dir", "must be an absolute path")
+
+    upstream = table("upstream")
+    master_key = None
+    if "master_key" in upstream:
+        try:
+            master_key = keys.parse_key(text(upstream, "upstream", "master_key"))
+        except ValueError as exc:
+            raise err("upstream.master_key", str(exc)) from None
+    if role == "node" and master_key is None:
+        raise err("upstream.master_key", "is required on a school server")
+
+    sources: dict[str, str] = {}
+    for name, t in table("collections").items():
+        try:
+            check_collection(name)
+        except HarmonicError as exc:
+            raise err(f"collections.{name}", str(exc)) from None
+        if not isinstance(t, dict):
+            raise err(f"collections.{name}", "must be a table")
+        src = text(t, f"collections.{name}", "path")
+        if not os.path.isabs(src):
+            raise err(f"collections.{name}.path", "must be an absolute path")
+        sources[name] = src
+
+    packs = table("packs")
+    try:
+        volume_size = parse_size(packs.get("volume_size", DEFAULT_VOLUME_SIZE))
+    except ValueError as exc:
+        raise err("packs.volume_size", str(exc)) from None
+    if not MIN_VOLUME_SIZE <= volume_size < 1 << 32:
+        raise err("packs.volume_size", f"must be between {MIN_VOLUME_SIZE} bytes and 4 GiB "
+                  "(FAT32 sticks hold files below 4 GiB)")
+
+    archive = table("archive")
+    keep = archive.get("keep_days", 0)
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+        raise err("archive.keep_days", "must be a whole number of days (0 = keep forever)")
+
+    media = table("media")
+    devices = media.get("devices", ["usb"])
+    if not (isinstance(devices, list) and all(isinstance(d, str) for d in devices)):
+        raise err("media.devices", "must be a list of strings, e.g. [\"usb\"]")
+
+    deploy = table("deploy")
+    deploy_dir = text(deploy, "deploy", "dir", os.path.join(state_dir, "deploy"))
+    if not os.path.isabs(deploy_dir):
+        raise err("deploy.dir", "must be an absolute path")
+
+    return Config(
+        path=path, id=sid, role=role, state_dir=state_dir,
+        socket=text(server, "server", "socket", DEFAULT_SOCKET),
+        listen=text(server, "server", "listen", ""),
+        upstream_url=text(upstream, "upstream", "url", ""),
+        master_key=master_key, sources=sources, volume_size=volume_size,
+        archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
+    )
+
+
+def render(cfg: Config) -> str:
+    """The config file `harmonicctl init` writes (commented, see docs/harmonicd.example.toml)."""
+    lines = [
+        "# harmonicd configuration, written by `harmonicctl init`.",
+        "# Every key is described in docs/harmonicd.example.toml.",
+        "",
+        "[server]",
+        f"id = {_q(cfg.id)}",
+        f"role = {_q(cfg.role)}",
+        f"state_dir = {_q(cfg.state_dir)}",
+        f"socket = {_q(cfg.socket)}",
+        f"listen = {_q(cfg.listen)}   # HOST:PORT to serve other servers; empty: do not",
+        "",
+    ]
+    if cfg.role == "node":
+        lines += [
+            "[upstream]",
+            f"url = {_q(cfg.upstream_url)}   # the master (or a relay); empty: sticks only",
+            f"master_key = {_q(keys.format_key(cfg.master_key or b''))}",
+            "",
+        ]
+    for name, src in cfg.sources.items():
+        lines += [f"[collections.{name}]", f"path = {_q(src)}   # published by itself when it changes", ""]
+    lines += [
+        "[packs]",
+        f"volume_size = {cfg.volume_size}   # bytes per pack file; below 4 GiB for FAT32 sticks",
+        "",
+        "[media]",
+        'devices = ["usb"]   # block devices taken as sync sticks; tests add "loop"',
+        "",
+    ]
+    if cfg.role == "master":
+        lines += ["[archive]",
+                  "keep_days = 0   # keep files a school deleted for this many days; 0 = forever", ""]
+    return "\n".join(lines)
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'

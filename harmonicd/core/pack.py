@@ -1,0 +1,416 @@
+"""Sync packs: the one format Harmonic moves, on a stick or as an HTTP body.
+
+Layout (byte for byte in docs/pack-format.md)::
+
+    preamble  "HRMNPACK" | u16 version | u16 flags (0) | u32 header_len
+    header    msgpack map, header_len bytes (<= MAX_HEADER)
+    frame*    u8 type | u32 raw_len | u32 stored_len | stored bytes
+    end       u8 0xFF   | u32 0       | u32 trailer_len | msgpack trailer
+    footer    digest[32] | signature[64] | "HRMNEND\\0"
+
+``digest`` is BLAKE3-256 of every byte before the footer and the signature
+is the sender's ed25519 over it, so a pack proves by itself that it is
+complete and unaltered: a file name or a file's presence proves nothing on a
+FAT stick that was pulled out early. Every length is checked against a fixed
+limit before anything is read or allocated for it, and every object is
+checked against its id as it is decoded.
+
+The reader and writer work on binary streams, in bounded memory whatever the
+pack size: at most a few frames are held at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import blake3
+
+from harmonicd.core import keys
+from harmonicd.core.codec import Compressor, Decompressor, delta_decompress, pack_msg, unpack_msg
+from harmonicd.core.objects import BLOB, ID_LEN, KIND_NAMES, MAX_OBJECT, ObjectId, object_id, short
+from harmonicd.errors import CorruptPack, TruncatedPack, UntrustedPack
+
+MAGIC = b"HRMNPACK"
+END_MAGIC = b"HRMNEND\x00"
+VERSION = 1
+SUPPORTED_VERSIONS = {1}
+
+PREAMBLE = struct.Struct(">8sHHI")
+FRAME_HEAD = struct.Struct(">BII")
+FOOTER_LEN = 32 + keys.SIG_LEN + len(END_MAGIC)
+
+F_ZSTD = 1  # records, zstd-compressed
+F_STORED = 2  # records, stored as they are (when compression would not help)
+F_END = 0xFF
+
+REC_PLAIN = struct.Struct(">B32sI")  # kind, id, length; then the payload
+REC_DELTA = struct.Struct(">B32s32sII")  # kind|0x80, id, base id, target length, patch length
+DELTA_BIT = 0x80
+
+MAX_HEADER = 16 << 20
+MAX_TRAILER = 64 << 10
+MAX_FRAME_RAW = MAX_OBJECT + 4096
+MAX_FRAME_STORED = MAX_FRAME_RAW + (64 << 10)
+FRAME_TARGET = 4 << 20  # raw bytes gathered before a frame is compressed
+MAX_TRAILER_EST = 256  # what our own trailer takes at most
+
+# The smallest pack: preamble, empty-ish header, end frame, footer.
+OVERHEAD = PREAMBLE.size + FRAME_HEAD.size + FOOTER_LEN
+
+
+@dataclass
+class Header:
+    pack_id: bytes
+    sender: str
+    sender_key: bytes
+    recipient: str | None
+    recipient_key: bytes | None
+    created: int
+    volume: int
+    have: dict[str, Any] = field(default_factory=dict)
+    releases: list[tuple[bytes, bytes]] = field(default_factory=list)
+    acks: list[dict[str, Any]] = field(default_factory=list)
+    plan: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return pack_msg(
+            {
+                "v": VERSION,
+                "pack": self.pack_id,
+                "sender": self.sender,
+                "sender_key": self.sender_key,
+                "recipient": self.recipient,
+                "recipient_key": self.recipient_key,
+                "created": self.created,
+                "volume": self.volume,
+                "have": self.have,
+                "releases": [[b, s] for b, s in self.releases],
+                "acks": self.acks,
+                "plan": self.plan,
+                "extra": self.extra,
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str) -> Header:
+        d = unpack_msg(raw, max_items=1_000_000, what=f"{where}: header")
+        if not isinstance(d, dict) or d.get("v") != VERSION:
+            raise CorruptPack(f"{where}: header has an unknown version")
+
+        def need(k: str, typ: type | tuple[type, ...]) -> Any:
+            v = d.get(k)
+            if not isinstance(v, typ) or isinstance(v, bool) and typ is int:
+                raise CorruptPack(f"{where}: header field {k!r} is missing or of the wrong type")
+            return v
+
+        pack_id = need("pack", bytes)
+        sender_key = need("sender_key", bytes)
+        rkey = d.get("recipient_key")
+        if len(pack_id) != 16 or len(sender_key) != keys.KEY_LEN:
+            raise CorruptPack(f"{where}: header has a bad pack id or sender key")
+        if rkey is not None and (not isinstance(rkey, bytes) or len(rkey) != keys.KEY_LEN):
+            raise CorruptPack(f"{where}: header has a bad recipient key")
+        rels = need("releases", list)
+        releases: list[tuple[bytes, bytes]] = []
+        for r in rels:
+            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, bytes) for x in r)):
+                raise CorruptPack(f"{where}: header has a malformed release")
+            releases.append((r[0], r[1]))
+        recipient = d.get("recipient")
+        if recipient is not None and not isinstance(recipient, str):
+            raise CorruptPack(f"{where}: header field 'recipient' is not text")
+        volume = need("volume", int)
+        if volume < 1:
+            raise CorruptPack(f"{where}: header has a bad volume number")
+        plan = need("plan", dict)
+        acks = need("acks", list)
+        for a in acks:
+            if not isinstance(a, dict):
+                raise CorruptPack(f"{where}: header has a malformed acknowledgement")
+        return cls(
+            pack_id=pack_id,
+            sender=need("sender", str),
+            sender_key=sender_key,
+            recipient=recipient,
+            recipient_key=rkey,
+            created=need("created", int),
+            volume=volume,
+            have=need("have", dict),
+            releases=releases,
+            acks=acks,
+            plan={k: v for k, v in plan.items() if isinstance(k, str) and type(v) is int},
+            extra=need("extra", dict),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    kind: int
+    id: ObjectId
+    data: bytes
+    stored_size: int  # bytes this record took in the pack (for progress and accounting)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Local(threading.local):
+    compressor: Compressor | None = None
+
+
+class PackWriter:
+    """Writes one pack (one volume) to a binary stream.
+
+    Frames are compressed on a small thread pool while the next one is being
+    filled, so export runs at the speed of zstd on two cores; output order is
+    preserved and at most ``depth`` frames are in memory.
+    """
+
+    def __init__(self, out: BinaryIO, key: keys.SigningKey, header: Header,
+                 pool: ThreadPoolExecutor | None = None, depth: int = 3) -> None:
+        self._out = out
+        self._key = key
+        self._hash = blake3.blake3()
+        self._buf = bytearray()
+        self._pending: deque[Future[tuple[int, int, bytes]]] = deque()
+        self._pool = pool
+        self._depth = depth
+        self._local = _Local()
+        self.objects = 0
+        self.raw_bytes = 0
+        self.frames = 0
+        self.written = 0
+        raw = header.encode()
+        if len(raw) > MAX_HEADER:
+            raise CorruptPack("pack header would be larger than the format allows")
+        self._emit(PREAMBLE.pack(MAGIC, VERSION, 0, len(raw)) + raw)
+
+    # Upper bound of the final size if the pack were closed after adding
+    # `extra` more raw bytes: used to split volumes without ever overshooting.
+    def worst_case_size(self, extra: int = 0) -> int:
+        inflight = len(self._pending) * (MAX_FRAME_STORED + FRAME_HEAD.size)
+        buffered = len(self._buf) + extra
+        frame_overhead = FRAME_HEAD.size + 64 + buffered // 1000  # zstd's bound for incompressible data
+        return self.written + inflight + buffered + frame_overhead + FRAME_HEAD.size + MAX_TRAILER_EST + FOOTER_LEN
+
+    def _emit(self, data: bytes | bytearray | memoryview) -> None:
+        self._hash.update(data)
+        self._out.write(data)
+        self.written += len(data)
+
+    def add(self, kind: int, oid: ObjectId, data: bytes | bytearray | memoryview) -> None:
+        self._buf += REC_PLAIN.pack(kind, oid, len(data))
+        self._buf += data
+        self._added(len(data))
+
+    def add_delta(self, kind: int, oid: ObjectId, base: ObjectId, target_len: int, patch: bytes) -> None:
+        self._buf += REC_DELTA.pack(kind | DELTA_BIT, oid, base, target_len, len(patch))
+        self._buf += patch
+        self._added(target_len)
+
+    def _added(self, n: int) -> None:
+        self.objects += 1
+        self.raw_bytes += n
+        if len(self._buf) >= FRAME_TARGET:
+            self.flush_frame()
+
+    def _compress(self, raw: bytes) -> tuple[int, int, bytes]:
+        if self._local.compressor is None:
+            self._local.compressor = Compressor()
+        comp = self._local.compressor.compress(raw)
+        if len(comp) >= len(raw):
+            return F_STORED, len(raw), raw
+        return F_ZSTD, len(raw), comp
+
+    def flush_frame(self) -> None:
+        if not self._buf:
+            return
+        raw = bytes(self._buf)
+        self._buf.clear()
+        if self._pool is None:
+            fut: Future[tuple[int, int, bytes]] = Future()
+            fut.set_result(self._compress(raw))
+        else:
+            fut = self._pool.submit(self._compress, raw)
+        self._pending.append(fut)
+        while len(self._pending) >= self._depth:
+            self._write_frame(self._pending.popleft().result())
+
+    def _write_frame(self, frame: tuple[int, int, bytes]) -> None:
+        typ, raw_len, stored = frame
+        self._emit(FRAME_HEAD.pack(typ, raw_len, len(stored)))
+        self._emit(stored)
+        self.frames += 1
+
+    def close(self, *, last: bool) -> bytes:
+        """Finish the pack: end frame, digest and signature. Returns the digest."""
+        self.flush_frame()
+        while self._pending:
+            self._write_frame(self._pending.popleft().result())
+        trailer = pack_msg({"frames": self.frames, "objects": self.objects,
+                            "raw_bytes": self.raw_bytes, "last": last})
+        self._emit(FRAME_HEAD.pack(F_END, 0, len(trailer)))
+        self._emit(trailer)
+        digest: bytes = self._hash.digest()
+        sig = self._key.sign(keys.TAG_PACK, digest)
+        self._out.write(digest + sig + END_MAGIC)
+        self.written += FOOTER_LEN
+        return digest
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Stream:
+    """Reads exactly n bytes or raises TruncatedPack; hashes what it reads."""
+
+    def __init__(self, src: BinaryIO, where: str) -> None:
+        self._src = src
+        self._where = where
+        self.hash = blake3.blake3()
+        self.offset = 0
+
+    def read(self, n: int, what: str, *, hashed: bool = True) -> bytes:
+        parts = []
+        got = 0
+        while got < n:
+            b = self._src.read(n - got)
+            if not b:
+                raise TruncatedPack(
+                    f"{self._where}: pack is incomplete (ends at byte {self.offset + got} inside the "
+                    f"{what}); was the stick pulled out while it was written?"
+                )
+            parts.append(b)
+            got += len(b)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if hashed:
+            self.hash.update(data)
+        self.offset += n
+        return data
+
+    def read_extra(self) -> bool:
+        """True if anything follows the footer (a pack must end there)."""
+        return bool(self._src.read(1))
+
+
+BaseLookup = Callable[[ObjectId], bytes | None]
+
+
+class PackReader:
+    """Streams a pack: ``header`` first, then ``records()``, which verifies the
+    footer (digest and signature) after the last record. Callers must treat
+    records as unconfirmed until ``records()`` finishes without raising."""
+
+    def __init__(self, src: BinaryIO, where: str, trust: Callable[[Header], bytes]) -> None:
+        """``trust`` returns the key that must have signed this pack, or raises UntrustedPack."""
+        self._s = _Stream(src, where)
+        self.where = where
+        pre = self._s.read(PREAMBLE.size, "preamble")
+        magic, version, flags, hlen = PREAMBLE.unpack(pre)
+        if magic != MAGIC:
+            raise CorruptPack(f"{where}: not a Harmonic pack (bad magic)")
+        if version not in SUPPORTED_VERSIONS:
+            raise CorruptPack(f"{where}: pack format version {version} is not supported (this server reads {sorted(SUPPORTED_VERSIONS)})")
+        if flags != 0:
+            raise CorruptPack(f"{where}: pack needs features this server lacks (flags {flags:#x})")
+        if hlen > MAX_HEADER:
+            raise CorruptPack(f"{where}: header claims {hlen} bytes (limit {MAX_HEADER})")
+        self.header = Header.decode(self._s.read(hlen, "header"), where)
+        self.signer_key = trust(self.header)
+        self.trailer: dict[str, Any] = {}
+        self._dec = Decompressor()
+        self.stored_bytes = 0
+
+    @property
+    def offset(self) -> int:
+        return self._s.offset
+
+    def records(self, base: BaseLookup) -> Iterator[Record]:
+        frames = objects = raw_total = 0
+        w = self.where
+        while True:
+            typ, raw_len, stored_len = FRAME_HEAD.unpack(self._s.read(FRAME_HEAD.size, "frame header"))
+            if typ == F_END:
+                if raw_len != 0 or stored_len > MAX_TRAILER:
+                    raise CorruptPack(f"{w}: end frame is malformed")
+                trailer = unpack_msg(self._s.read(stored_len, "trailer"), max_items=64, what=f"{w}: trailer")
+                if not isinstance(trailer, dict):
+                    raise CorruptPack(f"{w}: trailer is malformed")
+                if (trailer.get("frames"), trailer.get("objects"), trailer.get("raw_bytes")) != (frames, objects, raw_total):
+                    raise CorruptPack(f"{w}: trailer counts do not match the frames read")
+                self.trailer = trailer
+                break
+            if typ not in (F_ZSTD, F_STORED):
+                raise CorruptPack(f"{w}: unknown frame type {typ} at byte {self._s.offset - FRAME_HEAD.size}")
+            if raw_len > MAX_FRAME_RAW or stored_len > MAX_FRAME_STORED or raw_len == 0:
+                raise CorruptPack(f"{w}: frame at byte {self._s.offset - FRAME_HEAD.size} claims {raw_len} bytes (limit {MAX_FRAME_RAW})")
+            if typ == F_STORED and stored_len != raw_len:
+                raise CorruptPack(f"{w}: stored frame sizes disagree")
+            stored = self._s.read(stored_len, "frame")
+            where = f"{w}: frame {frames + 1}"
+            raw = stored if typ == F_STORED else self._dec.decompress(stored, raw_len, what=where)
+            frames += 1
+            share = stored_len + FRAME_HEAD.size
+            for rec in self._parse(raw, where, base):
+                objects += 1
+                raw_total += len(rec.data)
+                yield Record(rec.kind, rec.id, rec.data, share * len(rec.data) // max(raw_len, 1))
+        footer = self._s.read(FOOTER_LEN, "footer", hashed=False)
+        digest, sig, end = footer[:32], footer[32:96], footer[96:]
+        if end != END_MAGIC:
+            raise CorruptPack(f"{w}: footer is damaged (bad end marker)")
+        if digest != self._s.hash.digest():
+            raise CorruptPack(f"{w}: pack checksum does not match its content (damaged in transit or on the stick)")
+        if not keys.verify(self.signer_key, keys.TAG_PACK, digest, sig):
+            raise UntrustedPack(f"{w}: pack signature does not verify against {self.header.sender}'s key")
+        if self._s.read_extra():
+            raise CorruptPack(f"{w}: unexpected bytes after the end of the pack")
+
+    def _parse(self, raw: bytes, where: str, base: BaseLookup) -> Iterator[Record]:
+        mv = memoryview(raw)
+        pos = 0
+        end = len(raw)
+        while pos < end:
+            kind = raw[pos]
+            if kind & DELTA_BIT:
+                if pos + REC_DELTA.size > end:
+                    raise CorruptPack(f"{where}: record header cut short")
+                k, oid, bid, tlen, plen = REC_DELTA.unpack_from(raw, pos)
+                kind = k & ~DELTA_BIT
+                pos += REC_DELTA.size
+                if kind not in KIND_NAMES or plen > end - pos or tlen > MAX_OBJECT:
+                    raise CorruptPack(f"{where}: delta record for {short(oid)} is malformed")
+                basedata = base(bid)
+                if basedata is None:
+                    raise CorruptPack(f"{where}: delta for {short(oid)} needs {short(bid)}, which this server does not hold")
+                data = delta_decompress(basedata, bytes(mv[pos:pos + plen]), tlen, what=f"{where}: delta {short(oid)}")
+                pos += plen
+            else:
+                if pos + REC_PLAIN.size > end:
+                    raise CorruptPack(f"{where}: record header cut short")
+                kind, oid, n = REC_PLAIN.unpack_from(raw, pos)
+                pos += REC_PLAIN.size
+                if kind not in KIND_NAMES or n > end - pos or n > MAX_OBJECT:
+                    raise CorruptPack(f"{where}: record for {short(oid)} is malformed")
+                data = bytes(mv[pos:pos + n])
+                pos += n
+            if object_id(kind, data) != oid:
+                raise CorruptPack(f"{where}: {KIND_NAMES[kind]} {short(oid)} does not match its id (damaged)")
+            yield Record(kind, oid, data, 0)
+
+
+def new_pack_id() -> bytes:
+    return os.urandom(16)
+
+
+__all__ = [
+    "BLOB", "ID_LEN", "Header", "PackReader", "PackWriter", "Record", "new_pack_id",
+]

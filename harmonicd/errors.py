@@ -1,0 +1,99 @@
+"""The one error tree of Harmonic.
+
+Every failure a user can meet is a :class:`HarmonicError`; the CLI prints
+``str(error)`` as the single line on stderr and exits with ``exit_code``.
+Nothing else should escape to the user as a traceback.
+
+    HarmonicError                    exit 1
+    ├── UsageError                   exit 2   wrong arguments or command for this role
+    ├── DaemonNotRunning             exit 3
+    ├── ConfigError                  exit 1   config file missing, unreadable or invalid (names the key)
+    ├── StoreError                   exit 1   local state
+    │   ├── IntegrityError                    an object or deployed file does not match its hash
+    │   ├── DiskFullError                     ENOSPC: says how much space is needed
+    │   └── StateError                        state folder missing, wrong format version, …
+    ├── PackError                    exit 1   a pack (file on a stick, or HTTP body) is refused
+    │   ├── TruncatedPack                     cut short (stick pulled mid-write)
+    │   ├── CorruptPack                       checksum, hash, framing or size limits violated
+    │   ├── UntrustedPack                     signed by a key this server does not trust
+    │   └── UnsafeName                        a tree name that could escape or collide
+    ├── TrustError                   exit 1   a release that must not be accepted
+    │   ├── BadSignature
+    │   └── Equivocation                      same seq, other content
+    └── (RollbackIgnored is a warning, not an error: see exchange)
+
+Messages are built where the error is raised, so they can name the file and
+the reason; the class says which family it is for callers and tests.
+"""
+
+from __future__ import annotations
+
+
+class HarmonicError(Exception):
+    """Harmonic failed."""
+
+    exit_code = 1
+
+
+class UsageError(HarmonicError):
+    """Wrong usage."""
+
+    exit_code = 2
+
+
+class DaemonNotRunning(HarmonicError):
+    """The daemon is needed and is not running."""
+
+    exit_code = 3
+
+
+class ConfigError(HarmonicError):
+    """The configuration is missing or invalid."""
+
+
+class StoreError(HarmonicError):
+    """The local store could not do what was asked."""
+
+
+class IntegrityError(StoreError):
+    """Stored data does not match its hash."""
+
+
+class DiskFullError(StoreError):
+    """The disk is full."""
+
+
+class StateError(StoreError):
+    """The state folder is missing or in an unexpected format."""
+
+
+class PackError(HarmonicError):
+    """A pack was refused."""
+
+
+class TruncatedPack(PackError):
+    """The pack is incomplete."""
+
+
+class CorruptPack(PackError):
+    """The pack is damaged."""
+
+
+class UntrustedPack(PackError):
+    """The pack is signed by a key this server does not trust."""
+
+
+class UnsafeName(PackError):
+    """A file name is unsafe."""
+
+
+class TrustError(HarmonicError):
+    """A release was refused."""
+
+
+class BadSignature(TrustError):
+    """A signature does not verify."""
+
+
+class Equivocation(TrustError):
+    """Two different releases carry the same sequence number."""

@@ -1,0 +1,209 @@
+"""Deploy: make a replica's folder show exactly one release, switched atomically.
+
+The collection's ``path`` is a symbolic link to a tree folder under
+``<deploy dir>/.trees/<name>/``. A new release is written as a new tree
+folder (unchanged files hard-linked from the one in use, changed files
+written), flushed, and then the link is replaced by one ``rename``: after a
+power cut at any instant the path shows the old or the new release, never a
+mix. Tree folders no longer linked are removed afterwards.
+
+The database says which tree should be deployed (``collections.deployed``);
+``converge`` brings the disk to it, so a crash between the database commit
+and the switch is repaired at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+
+from harmonicd.core.names import fold
+from harmonicd.core.objects import BLOB, FLAG_EXEC, T_BLOB, T_DIR, T_RECIPE, TREE, Entry, ObjectId, encode_tree, object_id
+from harmonicd.errors import StoreError
+from harmonicd.store import durable
+from harmonicd.store.db import Collection
+from harmonicd.store.objects import Batch
+from harmonicd.store.store import Store
+
+log = logging.getLogger("harmonicd.deploy")
+
+
+def trees_dir(store: Store, name: str) -> str:
+    return os.path.join(store.cfg.deploy_dir, ".trees", name)
+
+
+def default_path(store: Store, name: str) -> str:
+    return os.path.join(store.cfg.deploy_dir, name)
+
+
+def tree_folder_name(seq: int, root: ObjectId) -> str:
+    return f"{seq}-{root.hex()[:24]}"
+
+
+def current_target(path: str) -> str | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISLNK(st.st_mode):
+        raise StoreError(f"{path} should be a link made by Harmonic but is something else; "
+                         "move it away so the release can be deployed")
+    target = os.readlink(path)
+    return os.path.normpath(os.path.join(os.path.dirname(path), target))
+
+
+def is_deployed(store: Store, coll: Collection) -> bool:
+    if coll.deployed is None or coll.path is None:
+        return True
+    cur = current_target(coll.path)
+    return cur is not None and os.path.basename(cur).endswith(coll.deployed.hex()[:24])
+
+
+def deploy(store: Store, coll: Collection) -> None:
+    """Switch coll.path to the tree coll.deployed (no-op if already there)."""
+    if coll.deployed is None or coll.path is None or is_deployed(store, coll):
+        return
+    root = coll.deployed
+    base = trees_dir(store, coll.name)
+    os.makedirs(base, exist_ok=True)
+    os.makedirs(os.path.dirname(coll.path), exist_ok=True)
+    prev_dir = current_target(coll.path)
+    prev_root = _root_of(store, coll, prev_dir)
+    final = os.path.join(base, tree_folder_name(coll.seq, root))
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    try:
+        os.mkdir(tmp, 0o755)
+        _write_tree(store, root, tmp, prev_root, prev_dir)
+        os.rename(tmp, final)
+        # Everything in the new tree reaches the disk before the link can point at it.
+        durable.syncfs(final)
+        link_tmp = coll.path + ".tmp-link"
+        if os.path.lexists(link_tmp):
+            os.unlink(link_tmp)
+        os.symlink(os.path.relpath(final, os.path.dirname(coll.path)), link_tmp)
+        os.replace(link_tmp, coll.path)
+        durable.fsync_dir(os.path.dirname(coll.path))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise durable.disk_error(exc, f"deploying {coll.name}", 0, base) from exc
+    for other in os.listdir(base):
+        p = os.path.join(base, other)
+        if p != final:
+            shutil.rmtree(p, ignore_errors=True)
+    log.info("deployed %s release %d at %s", coll.name, coll.seq, coll.path)
+
+
+def _root_of(store: Store, coll: Collection, folder: str | None) -> ObjectId | None:
+    """The root id of a deployed tree folder, if we still hold that tree."""
+    if folder is None:
+        return None
+    tag = os.path.basename(folder).split("-", 1)[-1]
+    for r in store.db.releases(coll.name):
+        if r.root.hex().startswith(tag):
+            return r.root
+    if coll.root is not None and coll.root.hex().startswith(tag):
+        return coll.root
+    return None
+
+
+def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | None,
+                prev_dir: str | None) -> None:
+    prev: dict[str, Entry] = {}
+    if prev_root is not None and prev_dir is not None:
+        try:
+            prev = {e.name: e for e in store.tree(prev_root)}
+        except StoreError:
+            prev = {}
+    for e in store.tree(root):
+        target = os.path.join(dest, e.name)
+        old = prev.get(e.name)
+        old_path = os.path.join(prev_dir, e.name) if old is not None and prev_dir else None
+        if e.type == T_DIR:
+            os.mkdir(target, 0o755)
+            same = old is not None and old.type == T_DIR and old_path is not None
+            _write_tree(store, e.id, target, old.id if same and old else None,
+                        old_path if same else None)
+            continue
+        if old is not None and old.id == e.id and old.flags == e.flags and old_path and _linkable(old_path, e.size):
+            os.link(old_path, target, follow_symlinks=False)
+            continue
+        write_file(store, e, target)
+
+
+def _linkable(path: str, size: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
+
+
+def write_file(store: Store, e: Entry, target: str) -> None:
+    mode = 0o755 if e.flags & FLAG_EXEC else 0o644
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        if e.type == T_BLOB:
+            _write_all(fd, store.objects.get_kind(e.id, BLOB))
+        elif e.type == T_RECIPE:
+            for cid, _n in store.recipe(e.id):
+                _write_all(fd, store.objects.get_kind(cid, BLOB))
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def converge(store: Store) -> None:
+    """Bring every deployment to what the database says is live (after a crash)."""
+    for coll in store.db.collections():
+        if coll.mode in ("replica", "archive") and coll.deployed is not None and not is_deployed(store, coll):
+            deploy(store, coll)
+
+
+def union_tree(store: Store, batch: Batch, roots: list[ObjectId]) -> ObjectId:
+    """A tree holding every path of every root, the later root winning (the master's
+    archive of a school's data: files the school removed stay)."""
+    def merge(ids: list[ObjectId]) -> tuple[ObjectId, int]:
+        # Keyed by the folded name: a school that renamed "A.txt" to "a.txt"
+        # must not leave two names that collide on FAT in the archive.
+        merged: dict[str, Entry] = {}
+        subdirs: dict[str, list[ObjectId]] = {}
+        for oid in ids:
+            for e in store.tree(oid):
+                key = fold(e.name)
+                prev = merged.get(key)
+                if e.type == T_DIR:
+                    if prev is None or prev.type != T_DIR or prev.name != e.name:
+                        subdirs[key] = []
+                    subdirs[key].append(e.id)
+                else:
+                    subdirs.pop(key, None)
+                merged[key] = e
+        out = []
+        total = 0
+        for key, e in merged.items():
+            if e.type == T_DIR:
+                sub_ids = subdirs[key]
+                sid, size = (e.id, e.size) if len(sub_ids) == 1 else merge(sub_ids)
+                e = Entry(e.name, T_DIR, 0, sid, size)
+            out.append(e)
+            total += e.size
+        payload = encode_tree(out)
+        oid = object_id(TREE, payload)
+        batch.put(TREE, oid, payload)
+        return oid, total
+
+    if len(roots) == 1:
+        return roots[0]
+    return merge(roots)[0]

@@ -1,0 +1,781 @@
+"""Exchange: packs in, packs out. The same code serves a stick and (later) HTTP.
+
+A stick (or any folder) holds a mailbox ``HARMONIC/``::
+
+    HARMONIC/README.txt                 what this is, for whoever finds the stick
+    HARMONIC/to-master/<pack files>     requests and data from school servers
+    HARMONIC/to-<school id>/<pack files> answers from the master to that school
+    HARMONIC/RECEIPT-<server id>.txt    what each server did at its last visit
+
+A pack file is ``<sender>-<time>-<pack id>-v<volume>.hpk``; it is written as
+``.<name>.part``, flushed and renamed, so a stick pulled early leaves only a
+``.part`` file (ignored, and cleaned up by its writer) or a pack that fails
+verification; either way nothing is applied from it.
+
+Import is two-phase: every object is verified and staged while the pack is
+read; only when the footer's digest and signature verify are the objects
+committed, and then, in one database transaction, the releases go live.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from harmonicd.core import keys
+from harmonicd.core.codec import Compressor, delta_compress, pack_msg, unpack_msg
+from harmonicd.core.diff import Want, plan, reachable
+from harmonicd.core.ident import check_collection, check_server_id
+from harmonicd.core.objects import BLOB, ID_LEN, MAX_OBJECT, ObjectId, short
+from harmonicd.core.pack import OVERHEAD, Header, PackReader, PackWriter, new_pack_id
+from harmonicd.core.release import SignedRelease, decode
+from harmonicd.errors import (
+    CorruptPack,
+    Equivocation,
+    HarmonicError,
+    IntegrityError,
+    PackError,
+    StoreError,
+    TrustError,
+    UntrustedPack,
+)
+from harmonicd.services import deploy as deploy_mod
+from harmonicd.services.deploy import default_path, union_tree
+from harmonicd.services.publish import local_name, publish_changed_sources
+from harmonicd.store import durable
+from harmonicd.store.db import Collection, ReleaseRow
+from harmonicd.store.store import Store
+
+log = logging.getLogger("harmonicd.exchange")
+
+MAILBOX = "HARMONIC"
+TO_MASTER = "to-master"
+SUFFIX = ".hpk"
+# Whatever a stick holds, a pack volume is below 4 GiB (FAT32); anything
+# bigger is not ours and is not read.
+MAX_PACK_FILE = 1 << 32
+MAX_FOLDER_ENTRIES = 10_000
+# A patch is used only if it saves at least this share of the plain blob.
+DELTA_GAIN = 0.9
+
+
+def to_folder(recipient: str | None) -> str:
+    return TO_MASTER if recipient is None else f"to-{recipient}"
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class ImportResult:
+    path: str
+    sender: str = ""
+    applied: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    acked: list[str] = field(default_factory=list)
+    objects: int = 0
+    bytes: int = 0
+    duplicate: bool = False
+
+
+@dataclass
+class ExportResult:
+    recipient: str
+    files: list[str] = field(default_factory=list)
+    releases: list[str] = field(default_factory=list)
+    objects: int = 0
+    raw_bytes: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class ExchangeReport:
+    imported: list[ImportResult] = field(default_factory=list)
+    exported: list[ExportResult] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # one line each, naming the file and why
+    published: list[tuple[str, int]] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
+
+
+# --------------------------------------------------------------------------- trust
+
+
+@dataclass
+class Decision:
+    signed: SignedRelease
+    name: str
+    action: str  # 'apply', 'skip' (already held), 'old' (older than held), 'other' (not for us)
+
+
+def _trust(store: Store) -> Callable[[Header], bytes]:
+    cfg = store.cfg
+    me = store.key.public
+
+    def check(h: Header) -> bytes:
+        if h.recipient_key is not None and h.recipient_key != me:
+            raise PackError(f"pack is addressed to {h.recipient or 'another server'}, not to {cfg.id}")
+        if cfg.is_master:
+            try:
+                check_server_id(h.sender, exc=CorruptPack)
+            except CorruptPack:
+                raise UntrustedPack(f"pack claims an invalid sender id {h.sender[:40]!r}") from None
+            peer = store.db.peer(h.sender)
+            if peer is None or peer.role != "node":
+                raise UntrustedPack(f"pack is from {h.sender!r}, which is not an enrolled school server")
+            if peer.revoked:
+                raise UntrustedPack(f"pack is from {h.sender!r}, whose enrollment was revoked")
+            if peer.key != h.sender_key:
+                raise UntrustedPack(f"pack claims to be from {h.sender!r} but is signed by another key")
+            return peer.key
+        if h.sender_key != cfg.master_key:
+            raise UntrustedPack(f"pack is signed by a key this server does not trust (sender says {h.sender[:40]!r})")
+        return h.sender_key
+
+    return check
+
+
+def _assess(store: Store, h: Header, where: str) -> list[Decision]:
+    """Check every release in a pack's header before anything is read or stored."""
+    cfg = store.cfg
+    out = []
+    for body, sig in h.releases:
+        sr = decode(body, sig)
+        r = sr.release
+        if cfg.is_master:
+            if r.owner != h.sender:
+                raise UntrustedPack(f"{where}: carries {r.label()}, which {h.sender} does not own")
+            owner_key = h.sender_key
+            name = f"{r.owner}/{r.collection}"
+            if r.target is not None:
+                raise CorruptPack(f"{where}: a school release may not name a target school")
+        else:
+            if r.owner != h.sender:
+                raise UntrustedPack(f"{where}: carries {r.label()} not signed by the master")
+            owner_key = h.sender_key
+            if r.target is not None and r.target != cfg.id:
+                out.append(Decision(sr, "", "other"))
+                continue
+            name = r.collection
+        sr.verify(owner_key)
+        coll = store.db.collection(name)
+        if coll is not None and coll.mode == "owned":
+            raise TrustError(f"{where}: carries {r.label()}, but {name} is this server's own collection")
+        same = store.db.release(name, r.seq)
+        if same is not None:
+            if same.root != r.root:
+                raise Equivocation(
+                    f"{where}: {r.label()} differs from the release {r.seq} already held "
+                    f"({short(same.root)}): two different releases with one number, refused")
+            if same.state != "pending":
+                out.append(Decision(sr, name, "skip"))
+                continue
+        if coll is not None and r.seq < coll.seq:
+            out.append(Decision(sr, name, "old"))
+            continue
+        if coll is not None and r.seq == coll.seq and same is None:
+            raise Equivocation(f"{where}: {r.label()} differs from the release {r.seq} already held")
+        out.append(Decision(sr, name, "apply"))
+    return out
+
+
+# --------------------------------------------------------------------------- import
+
+
+def open_pack(path: str) -> Any:
+    """Open a pack file on untrusted media: no symlinks, no FIFOs, no devices, bounded size."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PackError(f"{path}: is a symbolic link, not a pack file; not read") from None
+        raise PackError(f"{path}: cannot open ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise PackError(f"{path}: is not a regular file; not read")
+    if st.st_size > MAX_PACK_FILE:
+        os.close(fd)
+        raise PackError(f"{path}: is {st.st_size} bytes, larger than any pack volume; not read")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb", buffering=1 << 20)
+
+
+def import_pack(store: Store, path: str, how: str = "stick",
+                progress: Callable[[int], None] | None = None) -> ImportResult:
+    """Verify and apply one pack volume. Raises a PackError/TrustError if refused;
+    then nothing of the trusted state has changed."""
+    res = ImportResult(path)
+    with open_pack(path) as f:
+        reader = PackReader(f, path, _trust(store))
+        h = reader.header
+        res.sender = h.sender
+        db = store.db
+        if db.pack_seen(h.pack_id, h.volume, "in"):
+            res.duplicate = True
+            return res
+        decisions = _assess(store, h, path)
+        batch = store.objects.batch()
+        with batch:
+            def base(bid: ObjectId) -> bytes | None:
+                if not batch.has(bid):
+                    return None
+                try:
+                    return batch.get(bid)[1]
+                except IntegrityError:
+                    return None
+
+            need = int(h.plan.get("bytes", 0))
+            try:
+                last = 0
+                for rec in reader.records(base):
+                    if batch.put(rec.kind, rec.id, rec.data):
+                        res.objects += 1
+                        res.bytes += len(rec.data)
+                    if progress and reader.offset - last > 1 << 20:
+                        progress(reader.offset - last)
+                        last = reader.offset
+                batch.commit()
+            except OSError as exc:
+                raise durable.disk_error(exc, f"importing {path}", max(need - res.bytes, need // 10),
+                                         store.dir) from exc
+    _apply(store, h, decisions, res, how)
+    return res
+
+
+def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult, how: str) -> None:
+    db = store.db
+    cfg = store.cfg
+    now = int(time.time())
+    to_deploy: list[str] = []
+    archive_union: dict[str, ObjectId] = {}
+    batch = store.objects.batch()
+    with batch:
+        # Work out, before the transaction, what can go live.
+        live: dict[str, list[Decision]] = {}
+        for d in sorted(decisions, key=lambda d: (d.name, d.signed.release.seq)):
+            r = d.signed.release
+            if d.action == "skip":
+                res.skipped.append(r.label())
+            elif d.action == "old":
+                coll = db.collection(d.name)
+                if coll is not None and coll.mode == "replica":
+                    msg = (f"ignored {r.label()} from {os.path.basename(res.path)}: older than release "
+                           f"{coll.seq} already held (an old stick?)")
+                    res.warnings.append(msg)
+                    log.warning("%s", msg)
+            elif d.action == "apply":
+                missing, _held = store.missing(r.root)
+                if missing:
+                    res.pending.append(f"{r.label()}: {len(missing)} objects still to come")
+                else:
+                    live.setdefault(d.name, []).append(d)
+        for name, ds in live.items():
+            if cfg.is_master:
+                roots = [row.root for row in _retained(store, name, now)] + [d.signed.release.root for d in ds]
+                archive_union[name] = union_tree(store, batch, roots)
+        batch.commit()
+    with db.tx():
+        for d in decisions:
+            if d.action != "apply":
+                continue
+            r = d.signed.release
+            if d.name in live and d in live[d.name]:
+                continue
+            db.put_release(ReleaseRow(d.name, r.seq, r.root, d.signed.body, d.signed.signature,
+                                      r.size, now, "pending"))
+        for name, ds in live.items():
+            coll = db.collection(name)
+            owner = ds[0].signed.release.owner
+            if coll is None:
+                mode = "archive" if cfg.is_master else "replica"
+                db.add_collection(name, ds[0].signed.release.collection, owner, mode,
+                                  target=ds[0].signed.release.target, path=default_path(store, name))
+                coll = db.collection(name)
+                assert coll is not None
+            for old in db.releases(name):
+                if old.state == "live":
+                    db.set_release_state(name, old.seq, "kept")
+            for d in ds:
+                r = d.signed.release
+                db.put_release(ReleaseRow(name, r.seq, r.root, d.signed.body, d.signed.signature,
+                                          r.size, now, "kept"))
+                res.applied.append(r.label())
+            top = ds[-1].signed.release
+            db.set_release_state(name, top.seq, "live")
+            if coll.mode == "replica":
+                # A replica keeps only what it serves: older rows go (their
+                # objects are collected by gc), pending ones below too.
+                for old in db.releases(name):
+                    if old.seq < top.seq:
+                        db.delete_release(name, old.seq)
+            deployed = archive_union.get(name, top.root)
+            db.update_collection(name, seq=top.seq, root=top.root, deployed=deployed)
+            to_deploy.append(name)
+        _take_acks(store, h, res)
+        if cfg.is_master:
+            db.peer_seen(h.sender, now, how, pack_msg(h.have) if h.have else None)
+        else:
+            if db.peer(h.sender) is None:
+                db.put_peer(h.sender, h.sender_key, "master", now)
+            db.peer_seen(h.sender, now, how, None)
+        db.record_pack(h.pack_id, h.volume, "in", h.sender, now, res.objects, res.bytes)
+    for name in to_deploy:
+        coll = db.collection(name)
+        if coll is not None:
+            deploy_mod.deploy(store, coll)
+
+
+def _retained(store: Store, name: str, now: int) -> list[ReleaseRow]:
+    """Releases of a school's collection kept in the master's archive."""
+    keep = store.cfg.archive_keep_days
+    rows = [r for r in store.db.releases(name) if r.state in ("live", "kept")]
+    if keep:
+        rows = [r for r in rows if r.state == "live" or now - r.received <= keep * 86400]
+    return rows
+
+
+def _take_acks(store: Store, h: Header, res: ImportResult) -> None:
+    """A school records which of its own releases the master now holds durably."""
+    if store.cfg.is_master:
+        return
+    db = store.db
+    for a in h.acks:
+        name, seq, root = a.get("collection"), a.get("seq"), a.get("root")
+        if not (isinstance(name, str) and type(seq) is int and isinstance(root, bytes)):
+            raise CorruptPack(f"{res.path}: malformed acknowledgement")
+        coll = db.collection(name)
+        if coll is None or coll.mode != "owned" or seq <= coll.acked_seq:
+            continue
+        row = db.release(name, seq)
+        if row is None or row.root != root:
+            continue  # an ack for a release we no longer know is no use as a diff base
+        db.update_collection(name, acked_seq=seq, acked_root=root)
+        for old in db.releases(name):
+            if old.seq < seq:
+                db.delete_release(name, old.seq)
+        res.acked.append(f"{name} release {seq}")
+
+
+# --------------------------------------------------------------------------- export
+
+
+def have_state(store: Store) -> dict[str, Any]:
+    """What this server holds of others' collections: the request a school sends up."""
+    held: dict[str, list[Any]] = {}
+    pending: list[list[Any]] = []
+    known_roots = []
+    for c in store.db.collections():
+        if c.mode == "owned" or c.root is None:
+            continue
+        held[f"{c.owner}/{c.collection}"] = [c.seq, c.root]
+        known_roots.append(c.root)
+    partial: set[ObjectId] = set()
+    pend = store.db.releases(state="pending")
+    if pend:
+        known = reachable(store, known_roots)
+        for row in pend:
+            coll = store.db.collection(row.name)
+            owner = coll.owner if coll else ""
+            pending.append([f"{owner}/{row.name}", row.seq, row.root])
+            _missing, have = store.missing(row.root)
+            partial |= have - known
+    return {"held": held, "pending": pending, "partial": b"".join(sorted(partial))}
+
+
+def _parse_have(raw: dict[str, Any]) -> tuple[dict[str, tuple[int, ObjectId]], set[ObjectId]]:
+    held: dict[str, tuple[int, ObjectId]] = {}
+    h = raw.get("held", {})
+    if isinstance(h, dict):
+        for k, v in h.items():
+            if (isinstance(k, str) and isinstance(v, list) and len(v) == 2 and type(v[0]) is int
+                    and isinstance(v[1], bytes) and len(v[1]) == ID_LEN):
+                held[k] = (v[0], v[1])
+    part = raw.get("partial", b"")
+    ids: set[ObjectId] = set()
+    if isinstance(part, bytes) and len(part) % ID_LEN == 0:
+        ids = {part[i:i + ID_LEN] for i in range(0, len(part), ID_LEN)}
+    return held, ids
+
+
+def _known_from(store: Store, roots: list[ObjectId]) -> set[ObjectId]:
+    known: set[ObjectId] = set()
+    for r in roots:
+        if not store.objects.has(r):
+            continue
+        try:
+            known |= reachable(store, [r])
+        except (IntegrityError, PackError):
+            # We no longer hold all of that tree: we know less, so we send
+            # more. Never less than needed.
+            continue
+    return known
+
+
+@dataclass
+class Outgoing:
+    recipient: str | None
+    recipient_key: bytes
+    releases: list[ReleaseRow]
+    roots: list[tuple[ObjectId, ObjectId | None]]
+    known: set[ObjectId]
+    held: set[ObjectId]
+    acks: list[dict[str, Any]]
+    have: dict[str, Any]
+
+
+def for_master(store: Store) -> Outgoing:
+    """A school's pack for its master: its new releases and what it holds."""
+    db = store.db
+    releases: list[ReleaseRow] = []
+    roots: list[tuple[ObjectId, ObjectId | None]] = []
+    base_roots = []
+    for c in db.collections():
+        if c.mode != "owned":
+            continue
+        if c.acked_root is not None:
+            base_roots.append(c.acked_root)
+        for row in db.releases(c.name):
+            if row.seq > c.acked_seq and row.state in ("live", "kept"):
+                releases.append(row)
+                roots.append((row.root, c.acked_root))
+    master = next(iter(db.peers("master")), None)
+    assert store.cfg.master_key is not None
+    return Outgoing(recipient=master.id if master else None, recipient_key=store.cfg.master_key,
+                    releases=releases, roots=roots, known=_known_from(store, base_roots), held=set(),
+                    acks=[], have=have_state(store))
+
+
+def for_school(store: Store, school: str) -> Outgoing:
+    """The master's answer to a school: what it lacks of the master's collections, and acks."""
+    db = store.db
+    peer = db.peer(school)
+    if peer is None:
+        raise HarmonicError(f"{school} is not an enrolled school server")
+    have_raw = unpack_msg(peer.have, what="stored have-state") if peer.have else {}
+    held, partial = _parse_have(have_raw if isinstance(have_raw, dict) else {})
+    releases = []
+    roots = []
+    for c in db.collections():
+        if c.mode != "owned" or c.root is None or c.target not in (None, school):
+            continue
+        key = f"{c.owner}/{c.collection}"
+        theirs = held.get(key)
+        if theirs is not None and theirs[0] >= c.seq:
+            continue
+        row = db.release(c.name, c.seq)
+        if row is None:
+            continue
+        releases.append(row)
+        roots.append((row.root, theirs[1] if theirs else None))
+    known = _known_from(store, [root for _seq, root in held.values()])
+    acks = []
+    for c in db.collections():
+        if c.mode == "archive" and c.owner == school and c.root is not None:
+            acks.append({"collection": c.collection, "seq": c.seq, "root": c.root})
+    return Outgoing(recipient=school, recipient_key=peer.key, releases=releases, roots=roots,
+                    known=known, held=partial, acks=acks, have={})
+
+
+def _pack_name(sender: str, created: int, pack_id: bytes, volume: int) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created))
+    return f"{sender}-{stamp}-{pack_id.hex()[:12]}-v{volume:03d}{SUFFIX}"
+
+
+def write_packs(store: Store, out: Outgoing, folder: str,
+                progress: Callable[[int], None] | None = None) -> ExportResult:
+    """Write the pack for out.recipient into folder, in volumes of at most volume_size bytes."""
+    cfg = store.cfg
+    wants = plan(store, out.roots, out.known, out.held)
+    total = sum(w.size for w in wants)
+    res = ExportResult(out.recipient or "master")
+    res.releases = [f"{r.name} release {r.seq}" for r in out.releases]
+    pack_id = new_pack_id()
+    created = int(time.time())
+    os.makedirs(folder, exist_ok=True)
+    volume = 0
+    written: list[str] = []
+    writer: PackWriter | None = None
+    f = None
+    tmp = final = ""
+    comp = Compressor()
+
+    def header(v: int) -> Header:
+        return Header(pack_id=pack_id, sender=cfg.id, sender_key=store.key.public,
+                      recipient=out.recipient, recipient_key=out.recipient_key, created=created,
+                      volume=v, have=out.have, releases=[(r.body, r.sig) for r in out.releases],
+                      acks=out.acks, plan={"objects": len(wants), "bytes": total})
+
+    def open_volume() -> PackWriter:
+        nonlocal volume, f, tmp, final
+        volume += 1
+        final = os.path.join(folder, _pack_name(cfg.id, created, pack_id, volume))
+        tmp = os.path.join(folder, "." + os.path.basename(final) + ".part")
+        f = open(tmp, "wb")  # noqa: SIM115 - closed in close_volume
+        w = PackWriter(f, store.key, header(volume), pool)
+        if w.worst_case_size() > cfg.volume_size:
+            raise HarmonicError(f"packs.volume_size {cfg.volume_size} is too small for this pack's header")
+        return w
+
+    def close_volume(w: PackWriter, last: bool) -> None:
+        assert f is not None
+        w.close(last=last)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, final)
+        durable.fsync_dir(folder)
+        written.append(final)
+        res.bytes += w.written
+        res.objects += w.objects
+        res.raw_bytes += w.raw_bytes
+
+    try:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool:
+            writer = open_volume()
+            for want in wants:
+                kind, payload = store.objects.get(want.id)
+                rec_len, patch = len(payload), None
+                if want.base is not None and kind == BLOB and len(payload) > 64:
+                    patch = _delta(store, want, payload, comp)
+                    if patch is not None:
+                        rec_len = len(patch) + 80
+                if writer.worst_case_size(rec_len + 64) > cfg.volume_size and writer.objects:
+                    close_volume(writer, last=False)
+                    writer = open_volume()
+                    if writer.worst_case_size(rec_len + 64) > cfg.volume_size:
+                        raise HarmonicError(
+                            f"packs.volume_size {cfg.volume_size} is too small for object {short(want.id)}")
+                if patch is not None and want.base is not None:
+                    writer.add_delta(kind, want.id, want.base, len(payload), patch)
+                else:
+                    writer.add(kind, want.id, payload)
+                if progress:
+                    progress(len(payload))
+            close_volume(writer, last=True)
+    except OSError as exc:
+        if f is not None and not f.closed:
+            f.close()
+        _unlink(tmp)
+        for p in written:
+            _unlink(p)
+        if exc.errno == errno.EROFS:
+            raise StoreError(f"{folder}: the stick is write-protected; nothing was written") from exc
+        raise durable.disk_error(exc, "writing the pack", total, folder) from exc
+    except BaseException:
+        if f is not None and not f.closed:
+            f.close()
+        _unlink(tmp)
+        for p in written:
+            _unlink(p)
+        raise
+    res.files = written
+    with store.db.tx():
+        for i in range(1, volume + 1):
+            store.db.record_pack(pack_id, i, "out", res.recipient, created, res.objects, res.bytes)
+    return res
+
+
+def _delta(store: Store, want: Want, payload: bytes, comp: Compressor) -> bytes | None:
+    assert want.base is not None
+    try:
+        _k, base = store.objects.get(want.base)
+    except IntegrityError:
+        return None
+    if not base or len(base) > MAX_OBJECT:
+        return None
+    patch = delta_compress(base, payload)
+    plain = len(comp.compress(payload))
+    return patch if len(patch) < plain * DELTA_GAIN else None
+
+
+def _unlink(p: str) -> None:
+    if p:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+# --------------------------------------------------------------------------- the mailbox
+
+
+def list_packs(folder: str) -> tuple[list[str], list[str]]:
+    """Pack files in folder (sorted) and one-line complaints about entries that are not."""
+    problems: list[str] = []
+    try:
+        with os.scandir(folder) as it:
+            entries = []
+            for i, d in enumerate(it):
+                if i >= MAX_FOLDER_ENTRIES:
+                    problems.append(f"{folder}: more than {MAX_FOLDER_ENTRIES} entries; the rest was not read")
+                    break
+                entries.append(d)
+    except FileNotFoundError:
+        return [], []
+    except NotADirectoryError:
+        return [], [f"{folder}: is not a folder"]
+    packs = []
+    for d in sorted(entries, key=lambda d: d.name):
+        if d.name.startswith(".") or not d.name.endswith(SUFFIX):
+            continue
+        packs.append(d.path)
+    return packs, problems
+
+
+def _supersede(folder: str, sender: str, keep: list[str]) -> None:
+    """Remove this sender's older packs and abandoned .part files from folder."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    keep_names = {os.path.basename(p) for p in keep}
+    for n in names:
+        mine = n.startswith(f"{sender}-") or n.startswith(f".{sender}-")
+        if mine and n not in keep_names and (n.endswith(SUFFIX) or n.endswith(".part")):
+            _unlink(os.path.join(folder, n))
+    durable.fsync_dir(folder)
+
+
+def _remove_imported(path: str) -> None:
+    try:
+        os.unlink(path)
+        durable.fsync_dir(os.path.dirname(path))
+    except OSError as exc:
+        # A read-only stick: the pack stays; it is recognised and skipped next time.
+        log.info("could not remove %s after import: %s", path, exc.strerror)
+
+
+README = """Harmonic sync folder
+====================
+
+This folder carries data between school servers and the Harmonic master.
+Please do not change or delete anything in it.
+
+- to-master/        packs from school servers for the master
+- to-<school>/      packs from the master for that school server
+- RECEIPT-*.txt     what each server received and sent at its last visit
+
+Each pack proves by itself that it is complete: if the stick is pulled out
+too early, nothing is lost; the next visit simply does the work again.
+"""
+
+
+def exchange(store: Store, folder: str, progress: Callable[[int], None] | None = None) -> ExchangeReport:
+    """Do with folder what the daemon does with a stick mounted there."""
+    box = os.path.join(folder, MAILBOX)
+    try:
+        os.makedirs(box, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{box}: cannot create the sync folder ({exc.strerror})") from exc
+    if os.path.islink(box) or not os.path.isdir(box):
+        raise StoreError(f"{box}: is not a folder")
+    rep = ExchangeReport()
+    cfg = store.cfg
+    inbox = os.path.join(box, TO_MASTER if cfg.is_master else to_folder(cfg.id))
+    packs, problems = list_packs(inbox)
+    rep.refused += problems
+    answered: set[str] = set()
+    for p in packs:
+        try:
+            r = import_pack(store, p, "stick", progress)
+        except (PackError, TrustError, CorruptPack) as exc:
+            if isinstance(exc, PackError) and "is addressed to" in str(exc):
+                continue  # another server's pack in a shared folder: left alone
+            rep.refused.append(str(exc))
+            log.error("%s", exc)
+            continue
+        rep.imported.append(r)
+        answered.add(r.sender)
+        _remove_imported(p)
+    try:
+        _write_readme(box)
+        if cfg.is_master:
+            for school in sorted(answered):
+                out = for_school(store, school)
+                dest = os.path.join(box, to_folder(school))
+                res = write_packs(store, out, dest, progress)
+                _supersede(dest, cfg.id, res.files)
+                rep.exported.append(res)
+        else:
+            rep.published = publish_changed_sources(store)
+            out = for_master(store)
+            dest = os.path.join(box, TO_MASTER)
+            res = write_packs(store, out, dest, progress)
+            _supersede(dest, cfg.id, res.files)
+            rep.exported.append(res)
+        rep.waiting = waiting(store)
+        write_receipt(store, box, rep)
+    finally:
+        from harmonicd.services.maintenance import gc
+
+        gc(store)
+    return rep
+
+
+def _write_readme(box: str) -> None:
+    path = os.path.join(box, "README.txt")
+    if not os.path.exists(path):
+        durable.atomic_write(path, README.encode())
+
+
+def waiting(store: Store) -> list[str]:
+    out = []
+    for c in store.db.collections():
+        if c.mode == "owned" and not store.cfg.is_master and c.seq > c.acked_seq:
+            out.append(f"{c.collection} releases {c.acked_seq + 1}..{c.seq} not yet confirmed by the master")
+    for row in store.db.releases(state="pending"):
+        out.append(f"{row.name} release {row.seq} is incomplete; the rest comes next time")
+    return out
+
+
+def write_receipt(store: Store, box: str, rep: ExchangeReport) -> None:
+    cfg = store.cfg
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    role = "master server" if cfg.is_master else "school server"
+    lines = [f"Harmonic receipt of {cfg.id} ({role})", f"Visit: {when}", "", "Received:"]
+    got = False
+    for r in rep.imported:
+        for a in r.applied:
+            lines.append(f"  {a} from {r.sender}: now in use")
+            got = True
+        for a in r.pending:
+            lines.append(f"  {a} from {r.sender}: kept, not yet complete")
+            got = True
+        for a in r.acked:
+            lines.append(f"  confirmation from {r.sender} that it holds {a}")
+            got = True
+        for w in r.warnings:
+            lines.append(f"  note: {w}")
+            got = True
+        if not (r.applied or r.pending or r.acked or r.warnings):
+            lines.append(f"  a pack from {r.sender} with nothing new ({durable.mib(r.bytes)})")
+            got = True
+    if not got:
+        lines.append("  nothing")
+    lines += ["", "Sent:"]
+    for e in rep.exported:
+        what = ", ".join(e.releases) or "its current state (a request)"
+        lines.append(f"  to {e.recipient}: {what}; {durable.mib(e.bytes)} in {len(e.files)} pack file(s)")
+    if not rep.exported:
+        lines.append("  nothing")
+    lines += ["", "Refused:"] + ([f"  {x}" for x in rep.refused] or ["  nothing"])
+    lines += ["", "Still waiting:"] + ([f"  {x}" for x in rep.waiting] or ["  nothing"])
+    lines.append("")
+    durable.atomic_write(os.path.join(box, f"RECEIPT-{cfg.id}.txt"), "\n".join(lines).encode())
+
+
+__all__ = ["exchange", "import_pack", "write_packs", "for_master", "for_school", "have_state",
+           "keys", "local_name", "check_collection", "Collection", "OVERHEAD"]

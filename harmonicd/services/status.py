@@ -1,0 +1,109 @@
+"""The status model: what `harmonicctl status` shows and `--json` prints."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from harmonicd import __version__
+from harmonicd.core.codec import unpack_msg
+from harmonicd.errors import HarmonicError
+from harmonicd.store.store import Store
+
+
+def _iso(ts: int | None) -> str | None:
+    return None if not ts else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def status(store: Store) -> dict[str, Any]:
+    cfg = store.cfg
+    db = store.db
+    master = next(iter(db.peers("master")), None)
+    colls = []
+    for c in db.collections():
+        if c.mode == "owned" and cfg.is_master and c.target is not None:
+            pass
+        row = db.release(c.name, c.seq) if c.seq else None
+        pending = sum(r.size for r in db.releases(c.name) if r.state == "pending")
+        if c.mode == "owned" and not cfg.is_master:
+            pending += sum(r.size for r in db.releases(c.name)
+                           if r.seq > c.acked_seq and r.state in ("live", "kept"))
+        owner = c.owner
+        if owner == "master" and master is not None:
+            owner = master.id
+        colls.append({
+            "name": c.name,
+            "owner": owner,
+            "seq": c.seq,
+            "root": c.root.hex() if c.root else None,
+            "path": c.source if c.mode == "owned" else c.path,
+            "pending_bytes": pending,
+            "mode": c.mode,
+            "for": c.target,
+            "size": row.size if row else 0,
+            "released": _iso(row.received) if row else None,
+            "acked_seq": c.acked_seq if c.mode == "owned" and not cfg.is_master else None,
+        })
+    out: dict[str, Any] = {
+        "id": cfg.id,
+        "role": cfg.role,
+        "version": __version__,
+        "daemon": False,
+        "collections": colls,
+        "upstream": None,
+        "activity": None,
+    }
+    if not cfg.is_master:
+        if cfg.upstream_url:
+            out["upstream"] = {"url": cfg.upstream_url, "reachable": None,
+                               "last_sync": None, "last_error": None}
+        out["master"] = {"id": master.id if master else None,
+                         "last_seen": _iso(master.last_seen) if master else None,
+                         "how": master.last_how if master else None}
+    else:
+        out["schools"] = _schools(store)
+    out["store"] = _store_size(store)
+    return out
+
+
+def _schools(store: Store) -> list[dict[str, Any]]:
+    from harmonicd.services.exchange import _parse_have
+
+    db = store.db
+    rows = []
+    for p in db.peers("node"):
+        held: dict[str, Any] = {}
+        if p.have:
+            try:
+                raw = unpack_msg(p.have, what="stored have-state")
+                if isinstance(raw, dict):
+                    held = {k: v[0] for k, v in _parse_have(raw)[0].items()}
+            except HarmonicError:
+                pass
+        waiting = 0
+        for c in db.collections():
+            if c.mode == "owned" and c.root is not None and c.target in (None, p.id):
+                if held.get(f"{c.owner}/{c.collection}", 0) < c.seq:
+                    row = db.release(c.name, c.seq)
+                    waiting += row.size if row else 0
+        data = {c.collection: c.seq for c in db.collections() if c.mode == "archive" and c.owner == p.id}
+        rows.append({"id": p.id, "last_seen": _iso(p.last_seen), "how": p.last_how,
+                     "revoked": bool(p.revoked), "holds": held, "sent": data, "waiting_bytes": waiting})
+    return rows
+
+
+def _store_size(store: Store) -> dict[str, int]:
+    n = total = 0
+    root = store.objects.root
+    try:
+        for shard in os.listdir(root):
+            if len(shard) != 2:
+                continue
+            with os.scandir(os.path.join(root, shard)) as it:
+                for d in it:
+                    n += 1
+                    total += d.stat().st_size
+    except FileNotFoundError:
+        pass
+    return {"objects": n, "bytes": total}

@@ -1,0 +1,5 @@
+"""The store: object files, the SQLite state database and the deployments.
+
+Synchronous and file-system bound; no asyncio. Shells call it from worker
+threads.
+"""

@@ -1,0 +1,285 @@
+"""The state database (SQLite, WAL, synchronous=FULL).
+
+One transaction is one commit point: a release goes live, a peer's state is
+recorded, an acknowledgement is taken, all or nothing. Object files are made
+durable *before* the transaction that references them (store/objects.py).
+
+Tables:
+
+* ``meta``         role, id, format generation
+* ``peers``        the master (on a school) or the enrolled schools (on a master)
+* ``collections``  what this server owns or replicates, with the live release
+* ``releases``     every signed release kept: live, archived, unacknowledged or incomplete
+* ``statcache``    path -> (size, mtime, ctime, inode, id) for publishing without re-reading
+* ``packs``        pack volumes read and written (re-inserted sticks are skipped quietly)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from harmonicd.errors import StateError
+
+GENERATION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS peers (
+    id TEXT PRIMARY KEY,
+    key BLOB NOT NULL,
+    role TEXT NOT NULL,            -- 'master' or 'node'
+    enrolled INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    last_seen INTEGER,
+    last_how TEXT,                 -- 'stick' or 'online'
+    have BLOB                      -- msgpack: the have-state it last told us
+);
+CREATE TABLE IF NOT EXISTS collections (
+    name TEXT PRIMARY KEY,         -- local name: 'content', 'stats', 'school-042/stats', 'leases@school-042'
+    collection TEXT NOT NULL,      -- name inside signed releases
+    owner TEXT NOT NULL,
+    mode TEXT NOT NULL,            -- 'owned', 'replica' or 'archive' (a school's data at the master)
+    target TEXT,                   -- the one school a master collection is for
+    source TEXT,                   -- owned: folder published from
+    path TEXT,                     -- replica/archive: where it is deployed
+    seq INTEGER NOT NULL DEFAULT 0,
+    root BLOB,
+    deployed BLOB,                 -- root of the tree deployed at path
+    acked_seq INTEGER NOT NULL DEFAULT 0,   -- owned: highest seq the master has confirmed
+    acked_root BLOB,
+    scanned_ns INTEGER NOT NULL DEFAULT 0   -- owned: when the stat cache was last written
+);
+CREATE TABLE IF NOT EXISTS releases (
+    name TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    body BLOB NOT NULL,
+    sig BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    state TEXT NOT NULL,           -- 'live', 'kept', 'pending' (objects still missing)
+    PRIMARY KEY (name, seq)
+);
+CREATE TABLE IF NOT EXISTS statcache (
+    name TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    type INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    PRIMARY KEY (name, path)
+);
+CREATE TABLE IF NOT EXISTS packs (
+    pack_id BLOB NOT NULL,
+    volume INTEGER NOT NULL,
+    direction TEXT NOT NULL,       -- 'in' or 'out'
+    peer TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    objects INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (pack_id, volume, direction)
+);
+"""
+
+
+@dataclass
+class Collection:
+    name: str
+    collection: str
+    owner: str
+    mode: str
+    target: str | None
+    source: str | None
+    path: str | None
+    seq: int
+    root: bytes | None
+    deployed: bytes | None
+    acked_seq: int
+    acked_root: bytes | None
+    scanned_ns: int
+
+
+@dataclass
+class Peer:
+    id: str
+    key: bytes
+    role: str
+    enrolled: int
+    revoked: int
+    last_seen: int | None
+    last_how: str | None
+    have: bytes | None
+
+
+@dataclass
+class ReleaseRow:
+    name: str
+    seq: int
+    root: bytes
+    body: bytes
+    sig: bytes
+    size: int
+    received: int
+    state: str
+
+
+class StateDB:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.conn = sqlite3.connect(path, isolation_level=None, timeout=600)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed transaction survives a power cut (NORMAL in WAL
+            # mode may lose the last ones, and an acknowledged release must not).
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"state database {path} cannot be opened: {exc}") from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- meta
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # -- peers
+    def peers(self, role: str | None = None) -> list[Peer]:
+        q = "SELECT id, key, role, enrolled, revoked, last_seen, last_how, have FROM peers"
+        rows = self.conn.execute(q + (" WHERE role=?" if role else "") + " ORDER BY id",
+                                 (role,) if role else ()).fetchall()
+        return [Peer(*r) for r in rows]
+
+    def peer(self, pid: str) -> Peer | None:
+        r = self.conn.execute(
+            "SELECT id, key, role, enrolled, revoked, last_seen, last_how, have FROM peers WHERE id=?",
+            (pid,)).fetchone()
+        return None if r is None else Peer(*r)
+
+    def peer_by_key(self, key: bytes) -> Peer | None:
+        r = self.conn.execute(
+            "SELECT id, key, role, enrolled, revoked, last_seen, last_how, have FROM peers WHERE key=?",
+            (key,)).fetchone()
+        return None if r is None else Peer(*r)
+
+    def put_peer(self, pid: str, key: bytes, role: str, enrolled: int) -> None:
+        self.conn.execute(
+            "INSERT INTO peers(id, key, role, enrolled) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET key=excluded.key, role=excluded.role",
+            (pid, key, role, enrolled))
+
+    def peer_seen(self, pid: str, at: int, how: str, have: bytes | None) -> None:
+        self.conn.execute("UPDATE peers SET last_seen=?, last_how=?, have=COALESCE(?, have) WHERE id=?",
+                          (at, how, have, pid))
+
+    # -- collections
+    _CCOLS = ("name, collection, owner, mode, target, source, path, seq, root, deployed, "
+              "acked_seq, acked_root, scanned_ns")
+
+    def collections(self) -> list[Collection]:
+        rows = self.conn.execute(f"SELECT {self._CCOLS} FROM collections ORDER BY name").fetchall()
+        return [Collection(*r) for r in rows]
+
+    def collection(self, name: str) -> Collection | None:
+        r = self.conn.execute(f"SELECT {self._CCOLS} FROM collections WHERE name=?", (name,)).fetchone()
+        return None if r is None else Collection(*r)
+
+    def add_collection(self, name: str, collection: str, owner: str, mode: str, *,
+                       target: str | None = None, source: str | None = None,
+                       path: str | None = None) -> None:
+        self.conn.execute(
+            "INSERT INTO collections(name, collection, owner, mode, target, source, path) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, collection, owner, mode, target, source, path))
+
+    def update_collection(self, name: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.conn.execute(f"UPDATE collections SET {cols} WHERE name=?", (*fields.values(), name))
+
+    # -- releases
+    _RCOLS = "name, seq, root, body, sig, size, received, state"
+
+    def releases(self, name: str | None = None, state: str | None = None) -> list[ReleaseRow]:
+        q = f"SELECT {self._RCOLS} FROM releases"
+        cond, args = [], []
+        if name is not None:
+            cond.append("name=?")
+            args.append(name)
+        if state is not None:
+            cond.append("state=?")
+            args.append(state)
+        if cond:
+            q += " WHERE " + " AND ".join(cond)
+        return [ReleaseRow(*r) for r in self.conn.execute(q + " ORDER BY name, seq", args).fetchall()]
+
+    def release(self, name: str, seq: int) -> ReleaseRow | None:
+        r = self.conn.execute(f"SELECT {self._RCOLS} FROM releases WHERE name=? AND seq=?",
+                              (name, seq)).fetchone()
+        return None if r is None else ReleaseRow(*r)
+
+    def put_release(self, row: ReleaseRow) -> None:
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO releases({self._RCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.name, row.seq, row.root, row.body, row.sig, row.size, row.received, row.state))
+
+    def set_release_state(self, name: str, seq: int, state: str) -> None:
+        self.conn.execute("UPDATE releases SET state=? WHERE name=? AND seq=?", (state, name, seq))
+
+    def delete_release(self, name: str, seq: int) -> None:
+        self.conn.execute("DELETE FROM releases WHERE name=? AND seq=?", (name, seq))
+
+    # -- stat cache
+    def statcache(self, name: str) -> dict[str, tuple[int, int, int, int, int, bytes]]:
+        rows = self.conn.execute(
+            "SELECT path, size, mtime_ns, ctime_ns, ino, type, id FROM statcache WHERE name=?", (name,))
+        return {r[0]: (r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows}
+
+    def replace_statcache(self, name: str,
+                          rows: list[tuple[str, int, int, int, int, int, bytes]]) -> None:
+        self.conn.execute("DELETE FROM statcache WHERE name=?", (name,))
+        self.conn.executemany(
+            "INSERT INTO statcache(name, path, size, mtime_ns, ctime_ns, ino, type, id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", ((name, *r) for r in rows))
+
+    # -- packs
+    def pack_seen(self, pack_id: bytes, volume: int, direction: str) -> bool:
+        return self.conn.execute(
+            "SELECT 1 FROM packs WHERE pack_id=? AND volume=? AND direction=?",
+            (pack_id, volume, direction)).fetchone() is not None
+
+    def record_pack(self, pack_id: bytes, volume: int, direction: str, peer: str, at: int,
+                    objects: int, nbytes: int) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO packs(pack_id, volume, direction, peer, at, objects, bytes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)", (pack_id, volume, direction, peer, at, objects, nbytes))
+
+    def check_integrity(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def check_generation(db: StateDB) -> None:
+    gen = db.get_meta("generation")
+    if gen is None:
+        raise StateError(f"{db.path} is not a Harmonic state database (run `harmonicctl init` first)")
+    if int(gen) != GENERATION:
+        raise StateError(f"{db.path} has state format {gen}; this version reads {GENERATION}")

@@ -1,0 +1,85 @@
+"""Durable file-system steps, in one place so every commit point follows the
+same rules (RELIABILITY.md §3.6): write a temp file in the target folder,
+fsync it, rename it over the target, fsync the folder. Where many files land
+at once (a pack import, a first publish) the per-file fsyncs are replaced by
+one ``syncfs`` of the file system before the renames and one after; a commit
+never becomes visible before the data it references is on disk.
+
+A failed fsync leaves data in an unknown state: we never retry it and report
+success; the caller's operation fails and is redone from the source.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from harmonicd.errors import DiskFullError, StoreError
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Flush every dirty page and inode of the file system holding ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"syncfs failed: {os.strerror(e)}", str(path))
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` durably: the old or the new content survives a crash."""
+    folder = os.path.dirname(path) or "."
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(folder)
+
+
+def disk_error(exc: OSError, doing: str, needed: int, where: str) -> StoreError:
+    """Turn ENOSPC/EDQUOT into a message that says how much space is needed."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            st = os.statvfs(where)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = -1
+        need = f"about {mib(needed)} needed" if needed else "more space needed"
+        have = f", {mib(free)} free" if free >= 0 else ""
+        return DiskFullError(f"disk full while {doing} in {where}: {need}{have}; nothing was applied")
+    return StoreError(f"{doing} failed in {where}: {exc.strerror or exc}")
+
+
+def mib(n: int) -> str:
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.1f} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{max(n, 0) / 1024:.0f} KiB"

@@ -1,0 +1,158 @@
+"""Object files, named by their BLAKE3 id and sharded by the first byte.
+
+``objects/ab/<64 hex>`` holds ``kind || payload``. New objects are first
+written into a *batch* folder under ``objects/incoming/``; ``Batch.commit``
+flushes them (one syncfs), renames them into place and flushes again, so an
+object file under its final name is always complete. A batch that is not
+committed (a pack that failed to verify, a crash) leaves no trace once its
+folder is removed, and ``recover`` removes leftovers at start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+from harmonicd.core.objects import ID_LEN, KIND_NAMES, ObjectId, object_id, short
+from harmonicd.errors import IntegrityError
+from harmonicd.store import durable
+
+
+class ObjectStore:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.incoming = os.path.join(root, "incoming")
+
+    def setup(self) -> None:
+        os.makedirs(self.incoming, exist_ok=True)
+
+    def recover(self) -> None:
+        """Drop batches that were never committed (a crash or a refused pack)."""
+        if os.path.isdir(self.incoming):
+            for name in os.listdir(self.incoming):
+                shutil.rmtree(os.path.join(self.incoming, name), ignore_errors=True)
+
+    def path(self, oid: ObjectId) -> str:
+        h = oid.hex()
+        return os.path.join(self.root, h[:2], h[2:])
+
+    def has(self, oid: ObjectId) -> bool:
+        return os.path.exists(self.path(oid))
+
+    def size(self, oid: ObjectId) -> int:
+        """Payload size without reading the object."""
+        return os.stat(self.path(oid)).st_size - 1
+
+    def get(self, oid: ObjectId) -> tuple[int, bytes]:
+        """Read and verify an object; damage raises IntegrityError naming it."""
+        try:
+            with open(self.path(oid), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise IntegrityError(f"object {short(oid)} is missing from the store") from None
+        if not raw or raw[0] not in KIND_NAMES:
+            raise IntegrityError(f"object {oid.hex()} is damaged (unknown kind)")
+        payload = raw[1:]
+        if object_id(raw[0], payload) != oid:
+            raise IntegrityError(f"object {oid.hex()} is damaged (content does not match its hash)")
+        return raw[0], payload
+
+    def get_kind(self, oid: ObjectId, kind: int) -> bytes:
+        k, payload = self.get(oid)
+        if k != kind:
+            raise IntegrityError(f"object {oid.hex()} is a {KIND_NAMES[k]}, expected a {KIND_NAMES[kind]}")
+        return payload
+
+    def ids(self) -> Iterator[ObjectId]:
+        for shard in os.listdir(self.root):
+            if len(shard) != 2:
+                continue
+            d = os.path.join(self.root, shard)
+            for name in os.listdir(d):
+                if len(name) == 2 * ID_LEN - 2 and ".tmp" not in name:
+                    try:
+                        yield bytes.fromhex(shard + name)
+                    except ValueError:
+                        continue
+
+    def delete(self, oid: ObjectId) -> None:
+        try:
+            os.unlink(self.path(oid))
+        except FileNotFoundError:
+            pass
+
+    def batch(self) -> Batch:
+        return Batch(self)
+
+
+class Batch:
+    """Objects written together and made durable together (see module doc)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.dir = os.path.join(store.incoming, f"{os.getpid()}-{os.urandom(6).hex()}")
+        os.makedirs(self.dir)
+        self.pending: dict[ObjectId, int] = {}  # id -> payload size
+        self.bytes = 0
+        self.closed = False
+
+    def has(self, oid: ObjectId) -> bool:
+        return oid in self.pending or self.store.has(oid)
+
+    def staged_path(self, oid: ObjectId) -> str | None:
+        return os.path.join(self.dir, oid.hex()) if oid in self.pending else None
+
+    def get(self, oid: ObjectId) -> tuple[int, bytes]:
+        p = self.staged_path(oid)
+        if p is None:
+            return self.store.get(oid)
+        with open(p, "rb") as f:
+            raw = f.read()
+        return raw[0], raw[1:]
+
+    def put(self, kind: int, oid: ObjectId, payload: bytes | bytearray | memoryview) -> bool:
+        """Stage an object (already verified or computed by us). False if already held."""
+        if oid in self.pending or self.store.has(oid):
+            return False
+        fd = os.open(os.path.join(self.dir, oid.hex()), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, bytes((kind,)))
+            view = memoryview(payload)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        finally:
+            os.close(fd)
+        self.pending[oid] = len(payload)
+        self.bytes += len(payload)
+        return True
+
+    def commit(self) -> None:
+        """Make every staged object durable under its final name."""
+        if self.closed:
+            return
+        if self.pending:
+            durable.syncfs(self.dir)
+            shards = set()
+            for oid in self.pending:
+                final = self.store.path(oid)
+                shard = os.path.dirname(final)
+                if shard not in shards:
+                    os.makedirs(shard, exist_ok=True)
+                    shards.add(shard)
+                os.replace(os.path.join(self.dir, oid.hex()), final)
+            durable.syncfs(self.dir)
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.closed = True
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Commit is explicit; leaving the block without it throws the batch away.
+        if not self.closed:
+            self.discard()

@@ -1,0 +1,137 @@
+"""The store as one object: the state folder, its lock, key, database and objects.
+
+State folder layout (docs/state-dir.md)::
+
+    lock              flock'd by whoever changes anything (the daemon or a command)
+    key               this server's ed25519 seed (0600)
+    state.db          SQLite (WAL)
+    objects/          object files, objects/incoming/ for uncommitted batches
+    deploy/           default home of deployed replicas (config deploy.dir)
+    sources/          default source folders of a school's stats and backup
+
+Opening with ``lock=True`` waits for the lock (never fails as "busy") and runs
+recovery: uncommitted batches are removed and every deployment is brought to
+the release the database says is live.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from types import TracebackType
+
+from harmonicd.config import Config
+from harmonicd.core import keys
+from harmonicd.core.objects import (
+    BLOB,
+    RECIPE,
+    T_DIR,
+    T_RECIPE,
+    TREE,
+    Entry,
+    ObjectId,
+    decode_recipe,
+    decode_tree,
+)
+from harmonicd.errors import IntegrityError, StateError
+from harmonicd.store.db import StateDB, check_generation
+from harmonicd.store.objects import ObjectStore
+
+
+class Store:
+    def __init__(self, cfg: Config, *, lock: bool = True, create: bool = False) -> None:
+        self.cfg = cfg
+        self.dir = cfg.state_dir
+        if not os.path.isdir(self.dir):
+            if not create:
+                raise StateError(f"state folder {self.dir} does not exist (run `harmonicctl init`)")
+            os.makedirs(self.dir, mode=0o750)
+        self._lock_fd: int | None = None
+        if lock:
+            self._lock_fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT, 0o640)
+            # Blocks until the daemon or another command is done: INTERFACE.md
+            # asks commands to wait, never to fail as "busy".
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self.objects = ObjectStore(os.path.join(self.dir, "objects"))
+        self.db = StateDB(os.path.join(self.dir, "state.db"))
+        self._key: keys.SigningKey | None = None
+        if not create:
+            check_generation(self.db)
+        if lock and not create:
+            self.objects.recover()
+
+    # -- lifetime
+    def close(self) -> None:
+        self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- identity
+    @property
+    def id(self) -> str:
+        return self.cfg.id
+
+    @property
+    def key(self) -> keys.SigningKey:
+        if self._key is None:
+            path = os.path.join(self.dir, "key")
+            try:
+                with open(path, "rb") as f:
+                    seed = bytes.fromhex(f.read().decode().strip())
+                self._key = keys.SigningKey(seed)
+            except (OSError, ValueError) as exc:
+                raise StateError(f"cannot read this server's key {path}: {exc}") from exc
+        return self._key
+
+    def master_key(self) -> bytes | None:
+        return self.cfg.master_key
+
+    # -- trees
+    def tree(self, oid: ObjectId, where: str = "") -> list[Entry]:
+        return decode_tree(self.objects.get_kind(oid, TREE), where)
+
+    def recipe(self, oid: ObjectId, where: str = "") -> list[tuple[ObjectId, int]]:
+        return decode_recipe(self.objects.get_kind(oid, RECIPE), where)
+
+    def walk(self, root: ObjectId, prefix: str = "") -> Iterator[tuple[str, Entry]]:
+        """Every (path, entry) below root, depth first, folders before their contents."""
+        for e in self.tree(root, prefix):
+            path = f"{prefix}/{e.name}" if prefix else e.name
+            yield path, e
+            if e.type == T_DIR:
+                yield from self.walk(e.id, path)
+
+    def missing(self, root: ObjectId, have: set[ObjectId] | None = None) -> tuple[list[ObjectId], set[ObjectId]]:
+        """Objects of the tree at root that are not in the store, and those that are."""
+        missing: list[ObjectId] = []
+        absent: set[ObjectId] = set()
+        held: set[ObjectId] = set()
+        has = self.objects.has
+
+        def visit(oid: ObjectId, kind: int) -> None:
+            if oid in held or oid in absent:
+                return
+            if have is not None and oid in have or has(oid):
+                held.add(oid)
+            else:
+                absent.add(oid)
+                missing.append(oid)
+                return
+            if kind == TREE:
+                for e in self.tree(oid):
+                    visit(e.id, TREE if e.type == T_DIR else RECIPE if e.type == T_RECIPE else BLOB)
+            elif kind == RECIPE:
+                for c, _ in self.recipe(oid):
+                    visit(c, BLOB)
+
+        visit(root, TREE)
+        return missing, held
