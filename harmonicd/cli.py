@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS,
                         help="configuration file (default: $HARMONICD_CONFIG or /etc/harmonicd/harmonicd.toml)")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)

@@ -22,7 +22,8 @@ ZSTD_LEVEL = 3
 
 def pack_msg(obj: Any) -> bytes:
     """Canonical msgpack: bin for bytes, str for text, no extension types."""
-    return msgpack.packb(obj, use_bin_type=True, strict_types=False)  # type: ignore[no-any-return]
+    out: bytes = msgpack.packb(obj, use_bin_type=True, strict_types=False)
+    return out
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -60,7 +61,7 @@ class Compressor:
         self._c = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=threads)
 
     def compress(self, data: bytes | bytearray | memoryview) -> bytes:
-        return self._c.compress(data)  # type: ignore[no-any-return]
+        return self._c.compress(data)
 
 
 class Decompressor:
@@ -89,7 +90,7 @@ class Decompressor:
             raise CorruptPack(f"{what}: zstd data is damaged ({exc})") from exc
         if len(out) != expected_size:
             raise CorruptPack(f"{what}: expands to {len(out)} bytes, the pack says {expected_size}")
-        return out  # type: ignore[no-any-return]
+        return out
 
 
 def raw_dict(base: bytes) -> zstandard.ZstdCompressionDict:
@@ -100,7 +101,7 @@ def raw_dict(base: bytes) -> zstandard.ZstdCompressionDict:
 def delta_compress(base: bytes, target: bytes, level: int = ZSTD_LEVEL) -> bytes:
     c = zstandard.ZstdCompressor(level=level, dict_data=raw_dict(base), write_checksum=True,
                                  write_dict_id=False)
-    return c.compress(target)  # type: ignore[no-any-return]
+    return c.compress(target)
 
 
 def delta_decompress(base: bytes, patch: bytes, expected_size: int, *, what: str) -> bytes:
@@ -119,4 +120,4 @@ def delta_decompress(base: bytes, patch: bytes, expected_size: int, *, what: str
         raise CorruptPack(f"{what}: delta is damaged ({exc})") from exc
     if len(out) != expected_size:
         raise CorruptPack(f"{what}: delta expands to {len(out)} bytes, expected {expected_size}")
-    return out  # type: ignore[no-any-return]
+    return out

@@ -60,7 +60,7 @@ class _Planner:
         if old is not None and old != oid:
             try:
                 old_entries = {e.name: e for e in self.src.tree(old, path)}
-            except Exception:  # noqa: BLE001 - an old tree we lack only means fewer delta bases
+            except Exception:
                 old_entries = {}
         for e in entries:
             o = old_entries.get(e.name)
@@ -81,7 +81,7 @@ class _Planner:
         if o.type == T_RECIPE:
             try:
                 chunks = self.src.recipe(o.id)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 return None
             return chunks[0][0] if chunks else None
         return None
@@ -100,7 +100,7 @@ class _Planner:
                     for cid, n in self.src.recipe(o.id):
                         old.append((cid, pos, pos + n))
                         pos += n
-                except Exception:  # noqa: BLE001
+                except Exception:
                     old = []
         pos = 0
         j = 0

@@ -61,7 +61,7 @@ _RECIPE_ENTRY = struct.Struct(">32sI")
 def object_id(kind: int, payload: bytes | bytearray | memoryview) -> ObjectId:
     h = blake3.blake3(bytes((kind,)))
     h.update(payload)
-    return h.digest()  # type: ignore[no-any-return]
+    return h.digest()
 
 
 def hexid(oid: ObjectId) -> str:

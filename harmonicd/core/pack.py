@@ -107,7 +107,7 @@ class Header:
 
         def need(k: str, typ: type | tuple[type, ...]) -> Any:
             v = d.get(k)
-            if not isinstance(v, typ) or isinstance(v, bool) and typ is int:
+            if not isinstance(v, typ) or (isinstance(v, bool) and typ is int):
                 raise CorruptPack(f"{where}: header field {k!r} is missing or of the wrong type")
             return v
 
@@ -318,7 +318,8 @@ class PackReader:
         if magic != MAGIC:
             raise CorruptPack(f"{where}: not a Harmonic pack (bad magic)")
         if version not in SUPPORTED_VERSIONS:
-            raise CorruptPack(f"{where}: pack format version {version} is not supported (this server reads {sorted(SUPPORTED_VERSIONS)})")
+            raise CorruptPack(f"{where}: pack format version {version} is not supported "
+                              f"(this server reads {sorted(SUPPORTED_VERSIONS)})")
         if flags != 0:
             raise CorruptPack(f"{where}: pack needs features this server lacks (flags {flags:#x})")
         if hlen > MAX_HEADER:
@@ -344,14 +345,16 @@ class PackReader:
                 trailer = unpack_msg(self._s.read(stored_len, "trailer"), max_items=64, what=f"{w}: trailer")
                 if not isinstance(trailer, dict):
                     raise CorruptPack(f"{w}: trailer is malformed")
-                if (trailer.get("frames"), trailer.get("objects"), trailer.get("raw_bytes")) != (frames, objects, raw_total):
+                counts = (trailer.get("frames"), trailer.get("objects"), trailer.get("raw_bytes"))
+                if counts != (frames, objects, raw_total):
                     raise CorruptPack(f"{w}: trailer counts do not match the frames read")
                 self.trailer = trailer
                 break
             if typ not in (F_ZSTD, F_STORED):
                 raise CorruptPack(f"{w}: unknown frame type {typ} at byte {self._s.offset - FRAME_HEAD.size}")
             if raw_len > MAX_FRAME_RAW or stored_len > MAX_FRAME_STORED or raw_len == 0:
-                raise CorruptPack(f"{w}: frame at byte {self._s.offset - FRAME_HEAD.size} claims {raw_len} bytes (limit {MAX_FRAME_RAW})")
+                raise CorruptPack(f"{w}: frame at byte {self._s.offset - FRAME_HEAD.size} claims {raw_len} bytes "
+                                  f"(limit {MAX_FRAME_RAW})")
             if typ == F_STORED and stored_len != raw_len:
                 raise CorruptPack(f"{w}: stored frame sizes disagree")
             stored = self._s.read(stored_len, "frame")
@@ -390,7 +393,8 @@ class PackReader:
                     raise CorruptPack(f"{where}: delta record for {short(oid)} is malformed")
                 basedata = base(bid)
                 if basedata is None:
-                    raise CorruptPack(f"{where}: delta for {short(oid)} needs {short(bid)}, which this server does not hold")
+                    raise CorruptPack(f"{where}: delta for {short(oid)} needs {short(bid)}, "
+                                      "which this server does not hold")
                 data = delta_decompress(basedata, bytes(mv[pos:pos + plen]), tlen, what=f"{where}: delta {short(oid)}")
                 pos += plen
             else:

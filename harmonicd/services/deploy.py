@@ -20,10 +20,22 @@ import shutil
 import stat
 
 from harmonicd.core.names import fold
-from harmonicd.core.objects import BLOB, FLAG_EXEC, T_BLOB, T_DIR, T_RECIPE, TREE, Entry, ObjectId, encode_tree, object_id
+from harmonicd.core.objects import (
+    BLOB,
+    FLAG_EXEC,
+    T_BLOB,
+    T_DIR,
+    T_RECIPE,
+    TREE,
+    Entry,
+    ObjectId,
+    encode_tree,
+    object_id,
+)
 from harmonicd.errors import StoreError
 from harmonicd.store import durable
 from harmonicd.store.db import Collection
+from harmonicd.store.faults import crash_point
 from harmonicd.store.objects import Batch
 from harmonicd.store.store import Store
 
@@ -82,12 +94,14 @@ def deploy(store: Store, coll: Collection) -> None:
         os.rename(tmp, final)
         # Everything in the new tree reaches the disk before the link can point at it.
         durable.syncfs(final)
+        crash_point("deploy-tree-written")
         link_tmp = coll.path + ".tmp-link"
         if os.path.lexists(link_tmp):
             os.unlink(link_tmp)
         os.symlink(os.path.relpath(final, os.path.dirname(coll.path)), link_tmp)
         os.replace(link_tmp, coll.path)
         durable.fsync_dir(os.path.dirname(coll.path))
+        crash_point("deploy-switched")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise durable.disk_error(exc, f"deploying {coll.name}", 0, base) from exc

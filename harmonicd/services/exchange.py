@@ -51,6 +51,7 @@ from harmonicd.services.deploy import default_path, union_tree
 from harmonicd.services.publish import local_name, publish_changed_sources
 from harmonicd.store import durable
 from harmonicd.store.db import Collection, ReleaseRow
+from harmonicd.store.faults import crash_point
 from harmonicd.store.store import Store
 
 log = logging.getLogger("harmonicd.exchange")
@@ -332,6 +333,7 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
                 db.put_peer(h.sender, h.sender_key, "master", now)
             db.peer_seen(h.sender, now, how, None)
         db.record_pack(h.pack_id, h.volume, "in", h.sender, now, res.objects, res.bytes)
+    crash_point("db-committed")
     for name in to_deploy:
         coll = db.collection(name)
         if coll is not None:
@@ -535,6 +537,7 @@ def write_packs(store: Store, out: Outgoing, folder: str,
         f.flush()
         os.fsync(f.fileno())
         f.close()
+        crash_point("pack-part-written")
         os.replace(tmp, final)
         durable.fsync_dir(folder)
         written.append(final)
@@ -699,6 +702,7 @@ def exchange(store: Store, folder: str, progress: Callable[[int], None] | None =
             continue
         rep.imported.append(r)
         answered.add(r.sender)
+        crash_point("pack-imported")
         _remove_imported(p)
     try:
         _write_readme(box)
@@ -777,5 +781,16 @@ def write_receipt(store: Store, box: str, rep: ExchangeReport) -> None:
     durable.atomic_write(os.path.join(box, f"RECEIPT-{cfg.id}.txt"), "\n".join(lines).encode())
 
 
-__all__ = ["exchange", "import_pack", "write_packs", "for_master", "for_school", "have_state",
-           "keys", "local_name", "check_collection", "Collection", "OVERHEAD"]
+__all__ = [
+    "OVERHEAD",
+    "Collection",
+    "check_collection",
+    "exchange",
+    "for_master",
+    "for_school",
+    "have_state",
+    "import_pack",
+    "keys",
+    "local_name",
+    "write_packs",
+]

@@ -147,9 +147,8 @@ def gc(store: Store) -> GcReport:
     # Master: its own older releases are kept only while some school holds
     # them (they are the bases of the smallest deltas); otherwise dropped.
     if cfg.is_master:
-        from harmonicd.services.exchange import _parse_have
-
         from harmonicd.core.codec import unpack_msg
+        from harmonicd.services.exchange import _parse_have
 
         held_roots: set[ObjectId] = set()
         for p in db.peers("node"):

@@ -22,8 +22,6 @@ def status(store: Store) -> dict[str, Any]:
     master = next(iter(db.peers("master")), None)
     colls = []
     for c in db.collections():
-        if c.mode == "owned" and cfg.is_master and c.target is not None:
-            pass
         row = db.release(c.name, c.seq) if c.seq else None
         pending = sum(r.size for r in db.releases(c.name) if r.state == "pending")
         if c.mode == "owned" and not cfg.is_master:
@@ -83,10 +81,10 @@ def _schools(store: Store) -> list[dict[str, Any]]:
                 pass
         waiting = 0
         for c in db.collections():
-            if c.mode == "owned" and c.root is not None and c.target in (None, p.id):
-                if held.get(f"{c.owner}/{c.collection}", 0) < c.seq:
-                    row = db.release(c.name, c.seq)
-                    waiting += row.size if row else 0
+            if (c.mode == "owned" and c.root is not None and c.target in (None, p.id)
+                    and held.get(f"{c.owner}/{c.collection}", 0) < c.seq):
+                row = db.release(c.name, c.seq)
+                waiting += row.size if row else 0
         data = {c.collection: c.seq for c in db.collections() if c.mode == "archive" and c.owner == p.id}
         rows.append({"id": p.id, "last_seen": _iso(p.last_seen), "how": p.last_how,
                      "revoked": bool(p.revoked), "holds": held, "sent": data, "waiting_bytes": waiting})

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from harmonicd.core.objects import ID_LEN, KIND_NAMES, ObjectId, object_id, short
 from harmonicd.errors import IntegrityError
 from harmonicd.store import durable
+from harmonicd.store.faults import crash_point
 
 
 class ObjectStore:
@@ -133,9 +134,13 @@ class Batch:
         if self.closed:
             return
         if self.pending:
+            crash_point("batch-staged")
             durable.syncfs(self.dir)
             shards = set()
-            for oid in self.pending:
+            half = len(self.pending) // 2
+            for i, oid in enumerate(self.pending):
+                if i == half:
+                    crash_point("batch-renaming")
                 final = self.store.path(oid)
                 shard = os.path.dirname(final)
                 if shard not in shards:
@@ -143,6 +148,7 @@ class Batch:
                     shards.add(shard)
                 os.replace(os.path.join(self.dir, oid.hex()), final)
             durable.syncfs(self.dir)
+            crash_point("batch-committed")
         self.discard()
 
     def discard(self) -> None:

@@ -34,7 +34,7 @@ from harmonicd.core.objects import (
     decode_recipe,
     decode_tree,
 )
-from harmonicd.errors import IntegrityError, StateError
+from harmonicd.errors import StateError
 from harmonicd.store.db import StateDB, check_generation
 from harmonicd.store.objects import ObjectStore
 
@@ -120,7 +120,7 @@ class Store:
         def visit(oid: ObjectId, kind: int) -> None:
             if oid in held or oid in absent:
                 return
-            if have is not None and oid in have or has(oid):
+            if (have is not None and oid in have) or has(oid):
                 held.add(oid)
             else:
                 absent.add(oid)

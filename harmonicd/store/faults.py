@@ -1,0 +1,37 @@
+"""Named crash points for the crash tests (RELIABILITY.md §3.5).
+
+``HARMONICD_CRASH_AT=name`` (or ``name:N`` for the N-th time the point is
+reached) makes the process SIGKILL itself there, so a test can stop an
+import or a publish exactly between two durable steps. Without the variable
+this is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_spec = os.environ.get("HARMONICD_CRASH_AT", "")
+_name, _, _nth = _spec.partition(":")
+_count = int(_nth) if _nth.isdigit() else 1
+_seen = 0
+
+POINTS = (
+    "batch-staged",       # objects written to incoming/, before the first syncfs
+    "batch-renaming",     # half of a batch's objects renamed into place
+    "batch-committed",    # objects durable, before the database commit
+    "db-committed",       # release live in the database, before deployment
+    "deploy-tree-written",  # new tree folder complete, before the link switch
+    "deploy-switched",    # link switched, before old trees are removed
+    "pack-part-written",  # pack volume written as .part, before the rename
+    "pack-imported",      # pack applied, before it is removed from the stick
+)
+
+
+def crash_point(name: str) -> None:
+    global _seen
+    if name != _name:
+        return
+    _seen += 1
+    if _seen == _count:
+        os.kill(os.getpid(), signal.SIGKILL)
