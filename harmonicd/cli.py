@@ -21,7 +21,7 @@ from harmonicd import __version__
 from harmonicd import config as config_mod
 from harmonicd.config import NODE_COLLECTIONS, Config
 from harmonicd.core import keys
-from harmonicd.core.ident import check_server_id
+from harmonicd.core.ident import check_school_id, check_server_id
 from harmonicd.errors import ConfigError, DaemonNotRunning, HarmonicError, UsageError
 from harmonicd.store import durable
 from harmonicd.store.store import Store
@@ -164,7 +164,7 @@ def _init(args: argparse.Namespace, path: str) -> int:
         raise UsageError("init needs a role: `init master` or `init node`")
     if not args.id or not args.state_dir:
         raise UsageError("init needs --id and --state-dir")
-    check_server_id(args.id)
+    (check_school_id if args.role == "node" else check_server_id)(args.id)
     state = os.path.abspath(args.state_dir)
     master_key = None
     sources: dict[str, str] = {}

@@ -306,6 +306,9 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
                                   target=ds[0].signed.release.target, path=default_path(store, name))
                 coll = db.collection(name)
                 assert coll is not None
+            elif coll.owner != owner:
+                # A school learns its master's id from the master's first pack.
+                db.update_collection(name, owner=owner)
             for old in db.releases(name):
                 if old.state == "live":
                     db.set_release_state(name, old.seq, "kept")

@@ -8,7 +8,7 @@ import time
 from harmonicd import config as config_mod
 from harmonicd.config import NODE_COLLECTIONS, Config
 from harmonicd.core import keys
-from harmonicd.core.ident import check_server_id
+from harmonicd.core.ident import check_school_id
 from harmonicd.errors import ConfigError, UsageError
 from harmonicd.services.deploy import default_path
 from harmonicd.store import durable
@@ -56,7 +56,7 @@ def init(cfg: Config) -> str:
 
 
 def enroll(store: Store, school: str, key_text: str) -> None:
-    check_server_id(school)
+    check_school_id(school)
     if not store.cfg.is_master:
         raise UsageError("enroll is for the master")
     try:

@@ -82,4 +82,6 @@ def mib(n: int) -> str:
         return f"{n / (1 << 30):.1f} GiB"
     if n >= 1 << 20:
         return f"{n / (1 << 20):.1f} MiB"
-    return f"{max(n, 0) / 1024:.0f} KiB"
+    if n >= 1 << 10:
+        return f"{n / 1024:.0f} KiB"
+    return f"{max(n, 0)} B"

@@ -1,0 +1,276 @@
+"""Shared helpers for the scenario, crash, power-cut and disk-full tests.
+
+``gen_tree`` builds a seeded tree of a few hundred files (nested folders,
+chunked files above 256 KiB, an executable, an empty file, an empty folder);
+``change_set`` applies edits, appends, deletes, renames, a moved folder and
+new files to it. ``status`` reads `harmonicctl status --json`. The loop-image
+helpers mount ext4 images and tmpfs for the root-only tests and always undo
+what they did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import HARMONICCTL, Server, tree_digest
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def _data(rng: random.Random, n: int, *, compressible: bool = False) -> bytes:
+    if compressible:
+        words = [rng.randbytes(rng.randint(3, 9)).hex().encode() for _ in range(64)]
+        out = bytearray()
+        while len(out) < n:
+            out += rng.choice(words) + b" "
+        return bytes(out[:n])
+    return rng.randbytes(n)
+
+
+def gen_tree(root: Path, seed: int = 1, files: int = 300, big: int = 4, big_size: int = 700 * KiB) -> None:
+    """A seeded tree: ``files`` small files in nested folders, ``big`` files over
+    256 KiB (chunked), an executable, an empty file and an empty folder."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    folders = [Path(".")]
+    for i in range(24):
+        parent = rng.choice(folders)
+        d = parent / f"dir{i:02d}"
+        if len(d.parts) > 5:
+            d = Path(f"top{i:02d}")
+        folders.append(d)
+    for d in folders:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        d = rng.choice(folders)
+        size = rng.choice([0, 10, 200, 1500, 4 * KiB, 9 * KiB, 20 * KiB, 40 * KiB])
+        name = f"f{i:04d}" + rng.choice([".txt", ".html", ".bin", ".json", ""])
+        (root / d / name).write_bytes(_data(rng, size, compressible=rng.random() < 0.6))
+    for i in range(big):
+        d = rng.choice(folders)
+        (root / d / f"big{i}.dat").write_bytes(_data(rng, big_size + rng.randint(0, 300 * KiB)))
+    tool = root / "bin" / "run.sh"
+    tool.parent.mkdir(exist_ok=True)
+    tool.write_bytes(b"#!/bin/sh\necho hello\n")
+    tool.chmod(0o755)
+    (root / "empty.txt").write_bytes(b"")
+    (root / "void" / "nothing").mkdir(parents=True)
+
+
+def change_set(root: Path, seed: int = 2) -> None:
+    """Edits, appends, deletes, renames, a moved folder and new files."""
+    rng = random.Random(seed)
+    all_files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "run.sh")
+    picks = rng.sample(all_files, 40)
+    edits, appends, deletes, renames = picks[:10], picks[10:20], picks[20:30], picks[30:40]
+    for p in edits:
+        b = bytearray(p.read_bytes())
+        if b:
+            for _ in range(3):
+                b[rng.randrange(len(b))] ^= 0xFF
+        else:
+            b += b"now not empty"
+        p.write_bytes(bytes(b))
+    for p in appends:
+        with open(p, "ab") as f:
+            f.write(_data(rng, rng.randint(1, 30 * KiB)))
+    for p in deletes:
+        if p.exists():
+            p.unlink()
+    for p in renames:
+        if p.exists():
+            p.rename(p.with_name("renamed-" + p.name))
+    # A folder moved under another one.
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("dir"))
+    if len(dirs) >= 2:
+        shutil.move(str(dirs[0]), str(dirs[-1] / ("moved-" + dirs[0].name)))
+    new = root / "added" / "deep" / "er"
+    new.mkdir(parents=True, exist_ok=True)
+    for i in range(15):
+        (new / f"new{i}.txt").write_bytes(_data(rng, rng.randint(0, 12 * KiB), compressible=True))
+    (root / "added" / "bigger.dat").write_bytes(_data(rng, 600 * KiB))
+    # One big file grows a little: only its last chunks change.
+    bigs = sorted(root.rglob("big*.dat"))
+    if bigs:
+        with open(bigs[0], "ab") as f:
+            f.write(_data(rng, 5000))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def status(server: Server) -> dict[str, Any]:
+    return json.loads(server.ctl("status", "--json").stdout)
+
+
+def coll(st: dict[str, Any], name: str) -> dict[str, Any]:
+    for c in st["collections"]:
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no collection {name} in status: {[c['name'] for c in st['collections']]}")
+
+
+def packs_in(stick: Path, folder: str) -> list[Path]:
+    d = stick / "HARMONIC" / folder
+    return sorted(d.glob("*.hpk")) if d.is_dir() else []
+
+
+def part_files(stick: Path) -> list[Path]:
+    """`.part` files and files with a final pack name that are not complete."""
+    box = stick / "HARMONIC"
+    return sorted(box.rglob("*.part")) if box.is_dir() else []
+
+
+def ctl_popen(server: Server, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    e = {k: v for k, v in os.environ.items() if k != "HARMONICD_CRASH_AT"}
+    if env:
+        e.update(env)
+    return subprocess.Popen([*HARMONICCTL, "--config", str(server.config), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+
+
+def incoming_batches(server: Server) -> list[str]:
+    d = server.state / "objects" / "incoming"
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def assert_old_or_new(server: Server, old: str, new: str, what: str = "content") -> str:
+    got = tree_digest(server.deploy / what)
+    assert got in (old, new), f"deployed {what} is neither the old nor the new release (a mix?)"
+    return "old" if got == old else "new"
+
+
+def assert_recovers(server: Server, stick: Path, old: str, new: str) -> str:
+    """The invariants after a crash: verify passes, content old or new, the next
+    exchange completes and deploys the new release, no batch left over."""
+    which = assert_old_or_new(server, old, new)
+    v = server.ctl("verify", check=False)
+    assert v.returncode == 0, f"verify after crash failed:\n{v.stderr}"
+    assert not incoming_batches(server), "verify (a locked command) left an uncommitted batch behind"
+    server.ctl("exchange", str(stick))
+    assert tree_digest(server.deploy / "content") == new
+    assert not incoming_batches(server)
+    assert not part_files(stick)
+    server.ctl("verify")
+    return which
+
+
+def kill_after(proc: subprocess.Popen[str], delay: float) -> int:
+    """SIGKILL proc after delay seconds (if still running); returns its exit code."""
+    deadline = time.monotonic() + delay
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.002)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    return proc.returncode
+
+
+# --------------------------------------------------------------------------- root-only
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices and mounts)")
+    for tool in ("mkfs.ext4", "losetup", "e2fsck", "mount", "umount"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (e2fsprogs, util-linux, mount)")
+
+
+def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr}{p.stdout}")
+    return p
+
+
+class Mounts:
+    """Loop devices and mounts made by a test; ``cleanup`` undoes all of them."""
+
+    def __init__(self) -> None:
+        self.mounts: list[str] = []
+        self.loops: list[str] = []
+
+    def make_ext4(self, image: Path, size: str, *extra: str) -> None:
+        run("truncate", "-s", size, str(image))
+        run("mkfs.ext4", "-q", "-F", *extra, str(image))
+
+    def attach(self, image: Path) -> str:
+        dev = run("losetup", "--direct-io=on", "-f", "--show", str(image)).stdout.strip()
+        self.loops.append(dev)
+        return dev
+
+    def detach(self, dev: str) -> None:
+        run("losetup", "-d", dev, check=False)
+        if dev in self.loops:
+            self.loops.remove(dev)
+
+    def mount(self, *args: str) -> None:
+        target = args[-1]
+        Path(target).mkdir(parents=True, exist_ok=True)
+        run("mount", *args)
+        self.mounts.append(target)
+
+    def umount(self, target: str) -> None:
+        for _ in range(50):
+            if run("umount", target, check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            run("umount", "-l", target, check=False)
+        if target in self.mounts:
+            self.mounts.remove(target)
+
+    def mount_image(self, image: Path, target: Path) -> str:
+        dev = self.attach(image)
+        self.mount(dev, str(target))
+        return dev
+
+    def cleanup(self) -> None:
+        for t in reversed(list(self.mounts)):
+            self.umount(t)
+        for d in reversed(list(self.loops)):
+            self.detach(d)
+
+
+@pytest.fixture
+def mounts() -> Iterator[Mounts]:
+    m = Mounts()
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@contextmanager
+def moved_aside(path: Path) -> Iterator[Path]:
+    aside = path.with_name(path.name + ".aside")
+    path.rename(aside)
+    try:
+        yield aside
+    finally:
+        if aside.exists() and not path.exists():
+            aside.rename(path)
+
+
+def py() -> str:
+    return sys.executable
