@@ -13,6 +13,7 @@ Nothing else should escape to the user as a traceback.
     │   ├── DiskFullError                     ENOSPC: says how much space is needed
     │   └── StateError                        state folder missing, wrong format version, …
     ├── PackError                    exit 1   a pack (file on a stick, or HTTP body) is refused
+    │   ├── Misaddressed                      for another server (left alone)
     │   ├── TruncatedPack                     cut short (stick pulled mid-write)
     │   ├── CorruptPack                       checksum, hash, framing or size limits violated
     │   ├── UntrustedPack                     signed by a key this server does not trust
@@ -69,6 +70,10 @@ class StateError(StoreError):
 
 class PackError(HarmonicError):
     """A pack was refused."""
+
+
+class Misaddressed(PackError):
+    """The pack is for another server (left alone, not an error in a shared folder)."""
 
 
 class TruncatedPack(PackError):

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 from harmonicd.core.names import fold
 from harmonicd.core.objects import (
@@ -36,7 +37,7 @@ from harmonicd.errors import StoreError
 from harmonicd.store import durable
 from harmonicd.store.db import Collection
 from harmonicd.store.faults import crash_point
-from harmonicd.store.objects import Batch
+from harmonicd.store.objects import WRITERS, Batch
 from harmonicd.store.store import Store
 
 log = logging.getLogger("harmonicd.deploy")
@@ -127,6 +128,19 @@ def _root_of(store: Store, coll: Collection, folder: str | None) -> ObjectId | N
 
 def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | None,
                 prev_dir: str | None) -> None:
+    """Write the tree at root into dest: folders and hard links here, file contents
+    on a few threads (os.write releases the GIL; page-cache copies scale)."""
+    jobs: list[tuple[Entry, str]] = []
+    _plan_tree(store, root, dest, prev_root, prev_dir, jobs)
+    if not jobs:
+        return
+    with ThreadPoolExecutor(WRITERS, thread_name_prefix="deploy") as pool:
+        for fut in [pool.submit(write_file, store, e, target) for e, target in jobs]:
+            fut.result()
+
+
+def _plan_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | None,
+               prev_dir: str | None, jobs: list[tuple[Entry, str]]) -> None:
     prev: dict[str, Entry] = {}
     if prev_root is not None and prev_dir is not None:
         try:
@@ -140,13 +154,13 @@ def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | N
         if e.type == T_DIR:
             os.mkdir(target, 0o755)
             same = old is not None and old.type == T_DIR and old_path is not None
-            _write_tree(store, e.id, target, old.id if same and old else None,
-                        old_path if same else None)
+            _plan_tree(store, e.id, target, old.id if same and old else None,
+                       old_path if same else None, jobs)
             continue
         if old is not None and old.id == e.id and old.flags == e.flags and old_path and _linkable(old_path, e.size):
             os.link(old_path, target, follow_symlinks=False)
             continue
-        write_file(store, e, target)
+        jobs.append((e, target))
 
 
 def _linkable(path: str, size: int) -> bool:

@@ -41,6 +41,7 @@ from harmonicd.errors import (
     Equivocation,
     HarmonicError,
     IntegrityError,
+    Misaddressed,
     PackError,
     StoreError,
     TrustError,
@@ -127,7 +128,7 @@ def _trust(store: Store) -> Callable[[Header], bytes]:
 
     def check(h: Header) -> bytes:
         if h.recipient_key is not None and h.recipient_key != me:
-            raise PackError(f"pack is addressed to {h.recipient or 'another server'}, not to {cfg.id}")
+            raise Misaddressed(f"pack is addressed to {h.recipient or 'another server'}, not to {cfg.id}")
         if cfg.is_master:
             try:
                 check_server_id(h.sender, exc=CorruptPack)
@@ -509,7 +510,7 @@ def write_packs(store: Store, out: Outgoing, folder: str,
     res.releases = [f"{r.name} release {r.seq}" for r in out.releases]
     pack_id = new_pack_id()
     created = int(time.time())
-    os.makedirs(folder, exist_ok=True)
+    _real_dir(folder)
     volume = 0
     written: list[str] = []
     writer: PackWriter | None = None
@@ -528,7 +529,8 @@ def write_packs(store: Store, out: Outgoing, folder: str,
         volume += 1
         final = os.path.join(folder, _pack_name(cfg.id, created, pack_id, volume))
         tmp = os.path.join(folder, "." + os.path.basename(final) + ".part")
-        f = open(tmp, "wb")  # noqa: SIM115 - closed in close_volume
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        f = os.fdopen(fd, "wb")
         w = PackWriter(f, store.key, header(volume), pool)
         if w.worst_case_size() > cfg.volume_size:
             raise HarmonicError(f"packs.volume_size {cfg.volume_size} is too small for this pack's header")
@@ -682,26 +684,22 @@ too early, nothing is lost; the next visit simply does the work again.
 def exchange(store: Store, folder: str, progress: Callable[[int], None] | None = None) -> ExchangeReport:
     """Do with folder what the daemon does with a stick mounted there."""
     box = os.path.join(folder, MAILBOX)
-    try:
-        os.makedirs(box, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"{box}: cannot create the sync folder ({exc.strerror})") from exc
-    if os.path.islink(box) or not os.path.isdir(box):
-        raise StoreError(f"{box}: is not a folder")
+    _real_dir(box)
     rep = ExchangeReport()
     cfg = store.cfg
     inbox = os.path.join(box, TO_MASTER if cfg.is_master else to_folder(cfg.id))
+    if os.path.lexists(inbox):
+        _real_dir(inbox)
     packs, problems = list_packs(inbox)
     rep.refused += problems
     answered: set[str] = set()
     for p in packs:
         try:
             r = import_pack(store, p, "stick", progress)
-        except (PackError, TrustError, CorruptPack) as exc:
-            if isinstance(exc, PackError) and "is addressed to" in str(exc):
-                continue  # another server's pack in a shared folder: left alone
+        except Misaddressed:
+            continue  # another server's pack in a shared folder: left alone
+        except (PackError, TrustError) as exc:
             rep.refused.append(str(exc))
-            log.error("%s", exc)
             continue
         rep.imported.append(r)
         answered.add(r.sender)
@@ -725,11 +723,35 @@ def exchange(store: Store, folder: str, progress: Callable[[int], None] | None =
             rep.exported.append(res)
         rep.waiting = waiting(store)
         write_receipt(store, box, rep)
-    finally:
-        from harmonicd.services.maintenance import gc
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise StoreError(f"{box}: the stick is write-protected; what it carried was imported, "
+                             "nothing could be written back") from exc
+        raise StoreError(f"{box}: cannot write to the stick ({exc.strerror})") from exc
+    from harmonicd.services.maintenance import gc
 
-        gc(store)
+    gc(store)
     return rep
+
+
+def _real_dir(path: str) -> None:
+    """Create path if needed and make sure it is a real folder: a stick may carry a
+    symbolic link named like our folders, pointing anywhere on this server."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            pass
+        else:
+            raise StoreError(f"{path}: cannot create the sync folder ({exc.strerror})") from exc
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: cannot create the sync folder (read-only stick?)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path}: is not a folder (a link or a file where the sync folder should be)")
 
 
 def _write_readme(box: str) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from harmonicd.core.objects import ID_LEN, KIND_NAMES, ObjectId, object_id, short
 from harmonicd.errors import IntegrityError
@@ -87,8 +89,16 @@ class ObjectStore:
         return Batch(self)
 
 
+WRITERS = 3  # threads writing object files: os.write releases the GIL, and page-cache copies scale
+MAX_INFLIGHT = 32 << 20  # bytes handed to writer threads and not yet written
+
+
 class Batch:
-    """Objects written together and made durable together (see module doc)."""
+    """Objects written together and made durable together (see module doc).
+
+    Files are written by a few threads while the caller goes on decoding or
+    chunking: at most MAX_INFLIGHT bytes wait for them, so memory stays bounded.
+    """
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
@@ -97,6 +107,9 @@ class Batch:
         self.pending: dict[ObjectId, int] = {}  # id -> payload size
         self.bytes = 0
         self.closed = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: deque[tuple[Future[None], int]] = deque()
+        self._inflight_bytes = 0
 
     def has(self, oid: ObjectId) -> bool:
         return oid in self.pending or self.store.has(oid)
@@ -108,6 +121,7 @@ class Batch:
         p = self.staged_path(oid)
         if p is None:
             return self.store.get(oid)
+        self._drain(0)
         with open(p, "rb") as f:
             raw = f.read()
         return raw[0], raw[1:]
@@ -116,23 +130,40 @@ class Batch:
         """Stage an object (already verified or computed by us). False if already held."""
         if oid in self.pending or self.store.has(oid):
             return False
+        data = payload if isinstance(payload, bytes) else bytes(payload)
+        self.pending[oid] = len(data)
+        self.bytes += len(data)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="objwrite")
+        self._inflight.append((self._pool.submit(self._write, kind, oid, data), len(data)))
+        self._inflight_bytes += len(data)
+        self._drain(MAX_INFLIGHT)
+        return True
+
+    def _write(self, kind: int, oid: ObjectId, data: bytes) -> None:
         fd = os.open(os.path.join(self.dir, oid.hex()), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, bytes((kind,)))
-            view = memoryview(payload)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            total = 1 + len(data)
+            n = os.writev(fd, [bytes((kind,)), data])
+            if n < total:  # short write: finish it plainly
+                rest = memoryview(bytes((kind,)) + data)[n:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
         finally:
             os.close(fd)
-        self.pending[oid] = len(payload)
-        self.bytes += len(payload)
-        return True
+
+    def _drain(self, limit: int) -> None:
+        """Wait for writer threads until at most ``limit`` bytes are in flight; re-raise their errors."""
+        while self._inflight and (self._inflight_bytes > limit or self._inflight[0][0].done()):
+            fut, n = self._inflight.popleft()
+            self._inflight_bytes -= n
+            fut.result()
 
     def commit(self) -> None:
         """Make every staged object durable under its final name."""
         if self.closed:
             return
+        self._drain(0)
         if self.pending:
             crash_point("batch-staged")
             durable.syncfs(self.dir)
@@ -152,6 +183,13 @@ class Batch:
         self.discard()
 
     def discard(self) -> None:
+        if self._pool is not None:
+            for fut, _n in self._inflight:
+                fut.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+            self._inflight.clear()
+            self._inflight_bytes = 0
         shutil.rmtree(self.dir, ignore_errors=True)
         self.closed = True
 
