@@ -50,12 +50,20 @@ class _Planner:
     def _need(self, oid: ObjectId) -> bool:
         return oid not in self.known and oid not in self.held and oid not in self.planned
 
+    def _base(self, oid: ObjectId | None) -> ObjectId | None:
+        """A delta base must be something the receiver surely holds."""
+        if oid is not None and (oid in self.known or oid in self.held):
+            return oid
+        return None
+
     def tree(self, oid: ObjectId, old: ObjectId | None, path: str) -> None:
         if oid in self.known:
             return  # the whole subtree is held
         entries = self.src.tree(oid, path)
         if self._need(oid):
-            self.planned[oid] = Want(TREE, oid, 0, 0)
+            # A folder with one changed entry differs from its old tree by a few
+            # bytes: the old tree is a good delta base (hashes do not compress).
+            self.planned[oid] = Want(TREE, oid, 0, 0, self._base(old))
         old_entries: dict[str, Entry] = {}
         if old is not None and old != oid:
             try:
@@ -69,7 +77,7 @@ class _Planner:
                 self.tree(e.id, o.id if o is not None and o.type == T_DIR else None, child)
             elif e.type == T_BLOB:
                 if self._need(e.id):
-                    self.planned[e.id] = Want(BLOB, e.id, e.size, e.size, self._first_old_chunk(o))
+                    self.planned[e.id] = Want(BLOB, e.id, e.size, e.size, self._base(self._first_old_chunk(o)))
             elif e.type == T_RECIPE:
                 self.file(e, o, child)
 
@@ -89,7 +97,8 @@ class _Planner:
     def file(self, e: Entry, o: Entry | None, path: str) -> None:
         chunks = self.src.recipe(e.id, path)
         if self._need(e.id):
-            self.planned[e.id] = Want(RECIPE, e.id, len(chunks) * 36, 0)
+            old_recipe = o.id if o is not None and o.type == T_RECIPE else None
+            self.planned[e.id] = Want(RECIPE, e.id, len(chunks) * 36, 0, self._base(old_recipe))
         old: list[tuple[ObjectId, int, int]] = []  # (id, start, end) of the old file's chunks
         if o is not None and o.id != e.id:
             if o.type == T_BLOB:
@@ -112,7 +121,7 @@ class _Planner:
                     # appends keep most bytes near the same offset.
                     while j + 1 < len(old) and old[j][2] <= pos:
                         j += 1
-                    base = old[j][0]
+                    base = self._base(old[j][0])
                 self.planned[cid] = Want(BLOB, cid, n, e.size, base)
             pos += n
 

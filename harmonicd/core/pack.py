@@ -35,7 +35,7 @@ import blake3
 from harmonicd.core import keys
 from harmonicd.core.codec import Compressor, Decompressor, delta_decompress, pack_msg, unpack_msg
 from harmonicd.core.objects import BLOB, ID_LEN, KIND_NAMES, MAX_OBJECT, ObjectId, object_id, short
-from harmonicd.errors import CorruptPack, TruncatedPack, UntrustedPack
+from harmonicd.errors import CorruptPack, PackError, TruncatedPack, UntrustedPack
 
 MAGIC = b"HRMNPACK"
 END_MAGIC = b"HRMNEND\x00"
@@ -325,7 +325,13 @@ class PackReader:
         if hlen > MAX_HEADER:
             raise CorruptPack(f"{where}: header claims {hlen} bytes (limit {MAX_HEADER})")
         self.header = Header.decode(self._s.read(hlen, "header"), where)
-        self.signer_key = trust(self.header)
+        try:
+            self.signer_key = trust(self.header)
+        except PackError as exc:
+            # Every refusal names the pack it refuses (the one line on stderr).
+            if str(exc).startswith(where):
+                raise
+            raise type(exc)(f"{where}: {exc}") from exc
         self.trailer: dict[str, Any] = {}
         self._dec = Decompressor()
         self.stored_bytes = 0

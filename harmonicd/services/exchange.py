@@ -33,7 +33,7 @@ from harmonicd.core import keys
 from harmonicd.core.codec import Compressor, delta_compress, pack_msg, unpack_msg
 from harmonicd.core.diff import Want, plan, reachable
 from harmonicd.core.ident import check_collection, check_server_id
-from harmonicd.core.objects import BLOB, ID_LEN, MAX_OBJECT, ObjectId, short
+from harmonicd.core.objects import ID_LEN, MAX_OBJECT, ObjectId, short
 from harmonicd.core.pack import OVERHEAD, Header, PackReader, PackWriter, new_pack_id
 from harmonicd.core.release import SignedRelease, decode
 from harmonicd.errors import (
@@ -556,7 +556,7 @@ def write_packs(store: Store, out: Outgoing, folder: str,
             for want in wants:
                 kind, payload = store.objects.get(want.id)
                 rec_len, patch = len(payload), None
-                if want.base is not None and kind == BLOB and len(payload) > 64:
+                if want.base is not None and len(payload) > 64:
                     patch = _delta(store, want, payload, comp)
                     if patch is not None:
                         rec_len = len(patch) + 80
