@@ -9,6 +9,7 @@ one file and one would silently overwrite the other.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable
 
@@ -19,10 +20,13 @@ MAX_DEPTH = 64
 MAX_PATH_BYTES = 4096
 
 _FORBIDDEN = {"\x00", "/", "\\"}
+_PLAIN = re.compile(r"[A-Za-z0-9._ -]{1,255}")
 
 
 def check_name(name: str, where: str = "") -> str:
     """Return ``name`` if it is a safe single component, else raise UnsafeName."""
+    if _PLAIN.fullmatch(name) and name not in (".", ".."):
+        return name  # the common case, checked in one regex match
     label = f"{where}/{name!r}" if where else repr(name)
     if not name:
         raise UnsafeName(f"empty file name in {where or 'tree'}")
@@ -43,8 +47,9 @@ def check_name(name: str, where: str = "") -> str:
 
 
 def fold(name: str) -> str:
-    """The key under which case-insensitive, normalising file systems see a name."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
+    """The key under which case-insensitive, normalising file systems see a name
+    (FAT and Windows also drop trailing dots and spaces: "a." is "a" there)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold()).rstrip(". ") or name
 
 
 def check_siblings(names: Iterable[str], where: str = "") -> None:

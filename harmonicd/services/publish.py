@@ -110,7 +110,9 @@ class _Snapshotter:
     def file(self, path: str, rel: str, st: os.stat_result) -> tuple[int, ObjectId, int]:
         hit = self.cache.get(rel)
         if (hit is not None and hit[:4] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                and st.st_mtime_ns < self.trusted_before_ns and self.batch.has(hit[5])):
+                and st.st_mtime_ns < self.trusted_before_ns):
+            # The cached id belongs to this collection's latest release, which gc
+            # always keeps, so its objects are in the store.
             self.snap.cache.append((rel, *hit))
             return hit[4], hit[5], st.st_size
         typ, oid, size, after = self._read(path)
@@ -160,11 +162,17 @@ class _Snapshotter:
             self.progress(n)
 
 
+def _same_cache(before: dict[str, tuple[int, int, int, int, int, bytes]], after: list[CacheRow]) -> bool:
+    return len(before) == len(after) and all(before.get(r[0]) == r[1:] for r in after)
+
+
 def snapshot(store: Store, name: str, src: str, batch: Batch,
-             progress: Callable[[int], None] | None = None) -> Snapshot:
+             progress: Callable[[int], None] | None = None,
+             cache: dict[str, tuple[int, int, int, int, int, bytes]] | None = None) -> Snapshot:
     coll = store.db.collection(name)
     scanned = coll.scanned_ns if coll else 0
-    cache = store.db.statcache(name) if coll else {}
+    if cache is None:
+        cache = store.db.statcache(name) if coll else {}
     s = _Snapshotter(store, batch, cache, scanned - RACY_NS, progress)
     if not os.path.isdir(src):
         raise UsageError(f"{src} is not a folder")
@@ -196,10 +204,11 @@ def publish(store: Store, collection: str, src: str, target: str | None = None,
         raise UsageError(f"{name} is a replica owned by {coll.owner}; only its owner publishes it")
     src = os.path.abspath(src)
     started = time.time_ns()
+    cache_before = store.db.statcache(name) if coll else {}
     batch = store.objects.batch()
     with batch:
         try:
-            snap = snapshot(store, name, src, batch, progress)
+            snap = snapshot(store, name, src, batch, progress, cache_before)
         except OSError as exc:
             raise durable.disk_error(exc, f"publishing {name}", 0, store.dir) from exc
         for p in snap.skipped:
@@ -226,7 +235,8 @@ def publish(store: Store, collection: str, src: str, target: str | None = None,
             db.put_release(ReleaseRow(name, seq, snap.root, sr.body, sr.signature, snap.size,
                                       int(time.time()), "live"))
             db.update_collection(name, seq=seq, root=snap.root)
-        db.replace_statcache(name, snap.cache)
+        if not _same_cache(cache_before, snap.cache):
+            db.replace_statcache(name, snap.cache)
         db.update_collection(name, scanned_ns=started)
     if changed:
         log.info("published %s release %d (%d files, %d bytes, %d bytes read)",
