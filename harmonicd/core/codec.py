@@ -31,7 +31,21 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 
 def unpack_msg(data: bytes, *, max_items: int = 1_000_000, what: str = "record") -> Any:
-    """Decode one msgpack value from untrusted bytes, bounded in every dimension."""
+    """Decode one msgpack value from untrusted bytes, bounded in every dimension.
+
+    ``max_items`` bounds each array's and map's length *and* the number of
+    arrays and maps in all: an empty array is one byte of input but some 70
+    bytes of memory, so 16 MiB of them would otherwise take over 1 GiB.
+    """
+    containers = 0
+
+    def count(value: Any) -> Any:
+        nonlocal containers
+        containers += 1
+        if containers > max_items + 1:
+            raise CorruptPack(f"{what}: more than {max_items} nested arrays or maps")
+        return value
+
     try:
         return msgpack.unpackb(
             data,
@@ -44,6 +58,8 @@ def unpack_msg(data: bytes, *, max_items: int = 1_000_000, what: str = "record")
             max_map_len=max_items,
             max_ext_len=0,
             ext_hook=_no_ext,
+            list_hook=count,
+            object_hook=count,
         )
     except CorruptPack:
         raise
