@@ -67,11 +67,11 @@ def gen_tree(root: Path, seed: int = 1, files: int = 300, big: int = 4, big_size
         d = rng.choice(folders)
         (root / d / f"big{i}.dat").write_bytes(_data(rng, big_size + rng.randint(0, 300 * KiB)))
     tool = root / "bin" / "run.sh"
-    tool.parent.mkdir(exist_ok=True)
+    tool.parent.mkdir(parents=True, exist_ok=True)
     tool.write_bytes(b"#!/bin/sh\necho hello\n")
     tool.chmod(0o755)
     (root / "empty.txt").write_bytes(b"")
-    (root / "void" / "nothing").mkdir(parents=True)
+    (root / "void" / "nothing").mkdir(parents=True, exist_ok=True)
 
 
 def change_set(root: Path, seed: int = 2) -> None:
@@ -274,3 +274,84 @@ def moved_aside(path: Path) -> Iterator[Path]:
 
 def py() -> str:
     return sys.executable
+
+
+# --------------------------------------------------------------------------- a crash world
+
+
+class World:
+    """A master and a school where the school holds content release 1 (old) and the
+    stick carries the master's answer with release 2 (new); the school's statistics
+    changed too, so its exchange also publishes. ``reset`` puts the school's state
+    and the stick back to that moment, so each crash run starts from the same place."""
+
+    def __init__(self, base: Path, *, files: int = 200, big: int = 3, school_volume: str | None = None,
+                 master_volume: str | None = None, school_state_ready: bool = False) -> None:
+        from tests.conftest import make_master, make_school
+
+        base.mkdir(parents=True, exist_ok=True)
+        self.base = base
+        mx = ("--volume-size", master_volume) if master_volume else ()
+        sx = ("--volume-size", school_volume) if school_volume else ()
+        self.m, key = make_master(base, "master-1", *mx)
+        self.s = make_school(base, self.m, key, "school-1", *sx)
+        self.stick = base / "stick"
+        self.stick.mkdir()
+        self.src = base / "content"
+        gen_tree(self.src, seed=31, files=files, big=big)
+        m, s, stick = self.m, self.s, self.stick
+        m.ctl("publish", "content", str(self.src))
+        (s.source("stats") / "day1.json").write_bytes(b'{"day": 1}')
+        s.ctl("exchange", str(stick))
+        m.ctl("exchange", str(stick))
+        s.ctl("exchange", str(stick))
+        self.old = tree_digest(s.deploy / "content")
+        assert self.old == tree_digest(self.src)
+        change_set(self.src, seed=32)
+        m.ctl("publish", "content", str(self.src))
+        self.new = tree_digest(self.src)
+        m.ctl("exchange", str(stick))  # answers the school's last request with release 2
+        assert packs_in(stick, "to-school-1")
+        (s.source("stats") / "day2.json").write_bytes(b'{"day": 2}')
+        self.snap = base / "snapshot"
+        self.snap.mkdir()
+        self.save()
+
+    def save(self) -> None:
+        for name, p in (("school", self.s.state), ("stick", self.stick)):
+            shutil.rmtree(self.snap / name, ignore_errors=True)
+            shutil.copytree(p, self.snap / name, symlinks=True)
+
+    def reset(self) -> None:
+        for name, p in (("school", self.s.state), ("stick", self.stick)):
+            shutil.rmtree(p)
+            shutil.copytree(self.snap / name, p, symlinks=True)
+
+
+def pack_verifies(path: Path) -> bool:
+    """A pack file's footer digest and signature check out (what `import` first needs)."""
+    import blake3
+
+    from harmonicd.core import keys
+    from harmonicd.core.pack import FOOTER_LEN, PREAMBLE, Header
+
+    data = path.read_bytes()
+    if len(data) < PREAMBLE.size + FOOTER_LEN:
+        return False
+    _magic, _v, _f, hlen = PREAMBLE.unpack_from(data)
+    try:
+        h = Header.decode(data[PREAMBLE.size:PREAMBLE.size + hlen], str(path))
+    except Exception:
+        return False
+    body, footer = data[:-FOOTER_LEN], data[-FOOTER_LEN:]
+    digest, sig = footer[:32], footer[32:96]
+    return bool(blake3.blake3(body).digest() == digest and keys.verify(h.sender_key, keys.TAG_PACK, digest, sig))
+
+
+def assert_stick_clean(stick: Path) -> None:
+    """Every file with a pack's final name on the stick is a complete, signed pack."""
+    box = stick / "HARMONIC"
+    if not box.is_dir():
+        return
+    for p in box.rglob("*.hpk"):
+        assert pack_verifies(p), f"{p} has a pack's final name but does not verify"
