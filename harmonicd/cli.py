@@ -122,6 +122,9 @@ def _run(args: argparse.Namespace, path: str) -> int:
         raise DaemonNotRunning(f"`{cmd}` needs the daemon, and it is not running "
                                f"(no control socket at {cfg.socket})")
     with Store(cfg) as store:
+        from harmonicd.services.maintenance import recover
+
+        recover(store)
         if cmd == "enroll":
             from harmonicd.services.setup import enroll
 

@@ -85,10 +85,15 @@ def validate(data: dict[str, Any], path: str) -> Config:
     def err(key: str, why: str) -> ConfigError:
         return ConfigError(f"{path}: {key}: {why}")
 
-    def table(name: str) -> dict[str, Any]:
+    def table(name: str, keys: set[str] | None = None) -> dict[str, Any]:
         v = data.get(name, {})
         if not isinstance(v, dict):
             raise err(name, "must be a table")
+        if keys is not None:
+            for k in v:
+                if k not in keys:
+                    # A typo must not silently fall back to a default.
+                    raise err(f"{name}.{k}", f"unknown key (known: {', '.join(sorted(keys))})")
         return v
 
     def text(t: dict[str, Any], tname: str, key: str, default: str | None = None) -> str:
@@ -104,7 +109,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
         if k not in known:
             raise err(k, f"unknown section (known: {', '.join(sorted(known))})")
 
-    server = table("server")
+    server = table("server", {"id", "role", "state_dir", "socket", "listen"})
     try:
         sid = check_server_id(text(server, "server", "id"))
     except HarmonicError as exc:
@@ -116,7 +121,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if not os.path.isabs(state_dir):
         raise err("server.state_dir", "must be an absolute path")
 
-    upstream = table("upstream")
+    upstream = table("upstream", {"url", "master_key"})
     master_key = None
     if "master_key" in upstream:
         try:
@@ -134,12 +139,15 @@ def validate(data: dict[str, Any], path: str) -> Config:
             raise err(f"collections.{name}", str(exc)) from None
         if not isinstance(t, dict):
             raise err(f"collections.{name}", "must be a table")
+        for k in t:
+            if k != "path":
+                raise err(f"collections.{name}.{k}", "unknown key (known: path)")
         src = text(t, f"collections.{name}", "path")
         if not os.path.isabs(src):
             raise err(f"collections.{name}.path", "must be an absolute path")
         sources[name] = src
 
-    packs = table("packs")
+    packs = table("packs", {"volume_size"})
     try:
         volume_size = parse_size(packs.get("volume_size", DEFAULT_VOLUME_SIZE))
     except ValueError as exc:
@@ -148,17 +156,17 @@ def validate(data: dict[str, Any], path: str) -> Config:
         raise err("packs.volume_size", f"must be between {MIN_VOLUME_SIZE} bytes and 4 GiB "
                   "(FAT32 sticks hold files below 4 GiB)")
 
-    archive = table("archive")
+    archive = table("archive", {"keep_days"})
     keep = archive.get("keep_days", 0)
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
         raise err("archive.keep_days", "must be a whole number of days (0 = keep forever)")
 
-    media = table("media")
+    media = table("media", {"devices"})
     devices = media.get("devices", ["usb"])
     if not (isinstance(devices, list) and all(isinstance(d, str) for d in devices)):
         raise err("media.devices", "must be a list of strings, e.g. [\"usb\"]")
 
-    deploy = table("deploy")
+    deploy = table("deploy", {"dir"})
     deploy_dir = text(deploy, "deploy", "dir", os.path.join(state_dir, "deploy"))
     if not os.path.isabs(deploy_dir):
         raise err("deploy.dir", "must be an absolute path")
@@ -201,7 +209,10 @@ def render(cfg: Config) -> str:
         f"volume_size = {cfg.volume_size}   # bytes per pack file; below 4 GiB for FAT32 sticks",
         "",
         "[media]",
-        'devices = ["usb"]   # block devices taken as sync sticks; tests add "loop"',
+        f"devices = [{', '.join(_q(d) for d in cfg.media_devices)}]   # block devices taken as sync sticks",
+        "",
+        "[deploy]",
+        f"dir = {_q(cfg.deploy_dir or os.path.join(cfg.state_dir, 'deploy'))}   # where replicas are deployed",
         "",
     ]
     if cfg.role == "master":

@@ -53,6 +53,7 @@ F_END = 0xFF
 REC_PLAIN = struct.Struct(">B32sI")  # kind, id, length; then the payload
 REC_DELTA = struct.Struct(">B32s32sII")  # kind|0x80, id, base id, target length, patch length
 DELTA_BIT = 0x80
+SKIPPED = 0  # not an object kind: marks a delta passed over by records(skip_unresolved=True)
 
 MAX_HEADER = 16 << 20
 MAX_TRAILER = 64 << 10
@@ -206,12 +207,25 @@ class PackWriter:
         self._out.write(data)
         self.written += len(data)
 
+    def _room(self, n: int) -> None:
+        # Close the frame before a record that would take it past the target,
+        # so a frame is never larger than one record plus FRAME_TARGET, and a
+        # record of up to MAX_OBJECT bytes always fits in MAX_FRAME_RAW.
+        if self._buf and len(self._buf) + n > FRAME_TARGET:
+            self.flush_frame()
+
     def add(self, kind: int, oid: ObjectId, data: bytes | bytearray | memoryview) -> None:
+        if len(data) > MAX_OBJECT:
+            raise ValueError(f"object {short(oid)} is {len(data)} bytes, over the format's {MAX_OBJECT}")
+        self._room(REC_PLAIN.size + len(data))
         self._buf += REC_PLAIN.pack(kind, oid, len(data))
         self._buf += data
         self._added(len(data))
 
     def add_delta(self, kind: int, oid: ObjectId, base: ObjectId, target_len: int, patch: bytes) -> None:
+        if len(patch) > MAX_OBJECT or target_len > MAX_OBJECT:
+            raise ValueError(f"delta for {short(oid)} is over the format's {MAX_OBJECT} bytes")
+        self._room(REC_DELTA.size + len(patch))
         self._buf += REC_DELTA.pack(kind | DELTA_BIT, oid, base, target_len, len(patch))
         self._buf += patch
         self._added(target_len)
@@ -340,7 +354,12 @@ class PackReader:
     def offset(self) -> int:
         return self._s.offset
 
-    def records(self, base: BaseLookup) -> Iterator[Record]:
+    def records(self, base: BaseLookup, *, skip_unresolved: bool = False) -> Iterator[Record]:
+        """Yield every record, verified against its id; finally check the footer.
+
+        ``skip_unresolved``: a delta whose base this server lacks is passed over
+        instead of refused (for a pack read only to confirm its signature, when
+        nothing in it is needed any more: an old stick)."""
         frames = objects = raw_total = 0
         w = self.where
         while True:
@@ -368,10 +387,11 @@ class PackReader:
             raw = stored if typ == F_STORED else self._dec.decompress(stored, raw_len, what=where)
             frames += 1
             share = stored_len + FRAME_HEAD.size
-            for rec in self._parse(raw, where, base):
+            for rec in self._parse(raw, where, base, skip_unresolved):
                 objects += 1
-                raw_total += len(rec.data)
-                yield Record(rec.kind, rec.id, rec.data, share * len(rec.data) // max(raw_len, 1))
+                raw_total += rec.stored_size
+                if rec.kind != SKIPPED:
+                    yield Record(rec.kind, rec.id, rec.data, share * len(rec.data) // max(raw_len, 1))
         footer = self._s.read(FOOTER_LEN, "footer", hashed=False)
         digest, sig, end = footer[:32], footer[32:96], footer[96:]
         if end != END_MAGIC:
@@ -383,7 +403,9 @@ class PackReader:
         if self._s.read_extra():
             raise CorruptPack(f"{w}: unexpected bytes after the end of the pack")
 
-    def _parse(self, raw: bytes, where: str, base: BaseLookup) -> Iterator[Record]:
+    def _parse(self, raw: bytes, where: str, base: BaseLookup, skip_unresolved: bool) -> Iterator[Record]:
+        """Records of one frame; ``stored_size`` here carries the object's length
+        (a skipped delta is yielded with empty data and its target length)."""
         mv = memoryview(raw)
         pos = 0
         end = len(raw)
@@ -398,6 +420,10 @@ class PackReader:
                 if kind not in KIND_NAMES or plen > end - pos or tlen > MAX_OBJECT:
                     raise CorruptPack(f"{where}: delta record for {short(oid)} is malformed")
                 basedata = base(bid)
+                if basedata is None and skip_unresolved:
+                    pos += plen
+                    yield Record(SKIPPED, oid, b"", tlen)
+                    continue
                 if basedata is None:
                     raise CorruptPack(f"{where}: delta for {short(oid)} needs {short(bid)}, "
                                       "which this server does not hold")
@@ -414,7 +440,7 @@ class PackReader:
                 pos += n
             if object_id(kind, data) != oid:
                 raise CorruptPack(f"{where}: {KIND_NAMES[kind]} {short(oid)} does not match its id (damaged)")
-            yield Record(kind, oid, data, 0)
+            yield Record(kind, oid, data, len(data))
 
 
 def new_pack_id() -> bytes:

@@ -52,7 +52,7 @@ def default_path(store: Store, name: str) -> str:
 
 
 def tree_folder_name(seq: int, root: ObjectId) -> str:
-    return f"{seq}-{root.hex()[:24]}"
+    return f"{seq}-{root.hex()}"
 
 
 def current_target(path: str) -> str | None:
@@ -71,7 +71,7 @@ def is_deployed(store: Store, coll: Collection) -> bool:
     if coll.deployed is None or coll.path is None:
         return True
     cur = current_target(coll.path)
-    return cur is not None and os.path.basename(cur).endswith(coll.deployed.hex()[:24])
+    return cur is not None and os.path.basename(cur).endswith("-" + coll.deployed.hex())
 
 
 def deploy(store: Store, coll: Collection) -> None:
@@ -89,9 +89,10 @@ def deploy(store: Store, coll: Collection) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     if os.path.isdir(final):
         shutil.rmtree(final)
+    need = [0]  # bytes of file content the new tree needs (for a disk-full message)
     try:
         os.mkdir(tmp, 0o755)
-        _write_tree(store, root, tmp, prev_root, prev_dir)
+        _write_tree(store, root, tmp, prev_root, prev_dir, need)
         os.rename(tmp, final)
         # Everything in the new tree reaches the disk before the link can point at it.
         durable.syncfs(final)
@@ -105,7 +106,7 @@ def deploy(store: Store, coll: Collection) -> None:
         crash_point("deploy-switched")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise durable.disk_error(exc, f"deploying {coll.name}", 0, base) from exc
+        raise durable.disk_error(exc, f"deploying {coll.name}", need[0], base) from exc
     for other in os.listdir(base):
         p = os.path.join(base, other)
         if p != final:
@@ -114,24 +115,28 @@ def deploy(store: Store, coll: Collection) -> None:
 
 
 def _root_of(store: Store, coll: Collection, folder: str | None) -> ObjectId | None:
-    """The root id of a deployed tree folder, if we still hold that tree."""
+    """The root id of a deployed tree folder (its name ends in it), if we still hold that tree."""
     if folder is None:
         return None
-    tag = os.path.basename(folder).split("-", 1)[-1]
-    for r in store.db.releases(coll.name):
-        if r.root.hex().startswith(tag):
-            return r.root
-    if coll.root is not None and coll.root.hex().startswith(tag):
-        return coll.root
-    return None
+    try:
+        root = bytes.fromhex(os.path.basename(folder).rsplit("-", 1)[-1])
+    except ValueError:
+        return None
+    return root if len(root) == 32 and store.objects.has(root) else None
 
 
 def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | None,
-                prev_dir: str | None) -> None:
+                prev_dir: str | None, need: list[int] | None = None) -> None:
     """Write the tree at root into dest: folders and hard links here, file contents
     on a few threads (os.write releases the GIL; page-cache copies scale)."""
     jobs: list[tuple[Entry, str]] = []
-    _plan_tree(store, root, dest, prev_root, prev_dir, jobs)
+    # A file changed in place after it was deployed has a newer ctime than the
+    # moment its tree folder was renamed into place (the last step of building
+    # it): such a file is written again from the store, not linked.
+    ref_ctime = os.stat(prev_dir).st_ctime_ns if prev_dir else 0
+    _plan_tree(store, root, dest, prev_root, prev_dir, jobs, ref_ctime)
+    if need is not None:
+        need[0] = sum(e.size for e, _t in jobs)
     if not jobs:
         return
     with ThreadPoolExecutor(WRITERS, thread_name_prefix="deploy") as pool:
@@ -140,7 +145,7 @@ def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | N
 
 
 def _plan_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | None,
-               prev_dir: str | None, jobs: list[tuple[Entry, str]]) -> None:
+               prev_dir: str | None, jobs: list[tuple[Entry, str]], ref_ctime: int) -> None:
     prev: dict[str, Entry] = {}
     if prev_root is not None and prev_dir is not None:
         try:
@@ -155,20 +160,21 @@ def _plan_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | No
             os.mkdir(target, 0o755)
             same = old is not None and old.type == T_DIR and old_path is not None
             _plan_tree(store, e.id, target, old.id if same and old else None,
-                       old_path if same else None, jobs)
+                       old_path if same else None, jobs, ref_ctime)
             continue
-        if old is not None and old.id == e.id and old.flags == e.flags and old_path and _linkable(old_path, e.size):
+        if (old is not None and old.id == e.id and old.flags == e.flags and old_path
+                and _linkable(old_path, e.size, ref_ctime)):
             os.link(old_path, target, follow_symlinks=False)
             continue
         jobs.append((e, target))
 
 
-def _linkable(path: str, size: int) -> bool:
+def _linkable(path: str, size: int, ref_ctime: int) -> bool:
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == size
+    return stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_ctime_ns <= ref_ctime
 
 
 def write_file(store: Store, e: Entry, target: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -29,11 +30,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from harmonicd.core import keys
+from harmonicd.core import keys, names
 from harmonicd.core.codec import Compressor, delta_compress, pack_msg, unpack_msg
 from harmonicd.core.diff import Want, plan, reachable
 from harmonicd.core.ident import check_collection, check_server_id
-from harmonicd.core.objects import ID_LEN, MAX_OBJECT, ObjectId, short
+from harmonicd.core.objects import (
+    BLOB,
+    ID_LEN,
+    KIND_NAMES,
+    MAX_OBJECT,
+    RECIPE,
+    T_DIR,
+    T_RECIPE,
+    TREE,
+    ObjectId,
+    decode_recipe,
+    decode_tree,
+    short,
+)
 from harmonicd.core.pack import OVERHEAD, Header, PackReader, PackWriter, new_pack_id
 from harmonicd.core.release import SignedRelease, decode
 from harmonicd.errors import (
@@ -53,6 +67,7 @@ from harmonicd.services.publish import local_name, publish_changed_sources
 from harmonicd.store import durable
 from harmonicd.store.db import Collection, ReleaseRow
 from harmonicd.store.faults import crash_point
+from harmonicd.store.objects import Batch
 from harmonicd.store.store import Store
 
 log = logging.getLogger("harmonicd.exchange")
@@ -64,6 +79,8 @@ SUFFIX = ".hpk"
 # bigger is not ours and is not read.
 MAX_PACK_FILE = 1 << 32
 MAX_FOLDER_ENTRIES = 10_000
+# Objects held from unfinished transfers listed in a request, at most (32 bytes each).
+MAX_PARTIAL = 200_000
 # A patch is used only if it saves at least this share of the plain blob.
 DELTA_GAIN = 0.9
 
@@ -87,6 +104,7 @@ class ImportResult:
     objects: int = 0
     bytes: int = 0
     duplicate: bool = False
+    staged: list[ObjectId] = field(default_factory=list)  # objects this pack added to the store
 
 
 @dataclass
@@ -120,6 +138,7 @@ class Decision:
     signed: SignedRelease
     name: str
     action: str  # 'apply', 'skip' (already held), 'old' (older than held), 'other' (not for us)
+    missing: int = 0  # objects of its tree still absent after the pack was read
 
 
 def _trust(store: Store) -> Callable[[Header], bytes]:
@@ -229,6 +248,9 @@ def import_pack(store: Store, path: str, how: str = "stick",
             res.duplicate = True
             return res
         decisions = _assess(store, h, path)
+        # A pack none of whose releases we still need (an old stick) is only
+        # read to check its signature, for the acknowledgements it carries.
+        needed = any(d.action == "apply" for d in decisions)
         batch = store.objects.batch()
         with batch:
             def base(bid: ObjectId) -> bytes | None:
@@ -242,19 +264,81 @@ def import_pack(store: Store, path: str, how: str = "stick",
             need = int(h.plan.get("bytes", 0))
             try:
                 last = 0
-                for rec in reader.records(base):
-                    if batch.put(rec.kind, rec.id, rec.data):
+                # A delta against an object we no longer hold (an answer computed
+                # from an older request) is passed over: the release then stays
+                # incomplete and our next request asks for what is missing.
+                for rec in reader.records(base, skip_unresolved=True):
+                    if needed and batch.put(rec.kind, rec.id, rec.data):
                         res.objects += 1
                         res.bytes += len(rec.data)
                     if progress and reader.offset - last > 1 << 20:
                         progress(reader.offset - last)
                         last = reader.offset
+                # Before anything is committed: is each release complete, and is
+                # every tree well formed (kinds, depth, path length)?
+                for d in decisions:
+                    if d.action == "apply":
+                        d.missing = _check_release(store, batch, d, path)
+                res.staged = list(batch.pending)
                 batch.commit()
             except OSError as exc:
-                raise durable.disk_error(exc, f"importing {path}", max(need - res.bytes, need // 10),
-                                         store.dir) from exc
+                # What was staged is thrown away, so the whole pack must fit at
+                # once: say so, and measure what is free once it is gone.
+                batch.discard()
+                raise durable.disk_error(exc, f"importing {path}", need, store.dir) from exc
     _apply(store, h, decisions, res, how)
     return res
+
+
+def _check_release(store: Store, batch: Batch, d: Decision, where: str) -> int:
+    """Count the objects of d's tree that are still missing, checking on the way that
+    every reference has the right kind and no path is too deep or too long.
+    Subtrees of the collection's live release were checked when they arrived."""
+    coll = store.db.collection(d.name)
+    checked: set[ObjectId] = set()
+    if coll is not None and coll.root is not None:
+        try:
+            checked = reachable(store, [coll.root])
+        except HarmonicError:
+            checked = set()
+    missing = 0
+    seen: set[ObjectId] = set()
+    label = d.signed.release.label()
+
+    def kind_of(oid: ObjectId) -> int | None:
+        k = batch.kind(oid)
+        return k if k is not None else store.objects.kind(oid)
+
+    def payload(oid: ObjectId) -> bytes:
+        return batch.get(oid)[1]
+
+    stack: list[tuple[ObjectId, int, str, int]] = [(d.signed.release.root, TREE, "", 0)]
+    while stack:
+        oid, want, path, depth = stack.pop()
+        if oid in checked or oid in seen:
+            continue
+        seen.add(oid)
+        k = kind_of(oid)
+        if k is None:
+            missing += 1
+            continue
+        if k != want:
+            raise CorruptPack(f"{where}: {label}: {path or '/'} refers to a {KIND_NAMES[k]} "
+                              f"where a {KIND_NAMES[want]} belongs")
+        if k == TREE:
+            if depth > names.MAX_DEPTH:
+                raise CorruptPack(f"{where}: {label}: folders nested deeper than {names.MAX_DEPTH} at {path[:80]}")
+            for e in decode_tree(payload(oid), path):
+                child = names.join(path, e.name)
+                if len(child.encode()) > names.MAX_PATH_BYTES:
+                    raise CorruptPack(f"{where}: {label}: path {child[:80]}… is longer than "
+                                      f"{names.MAX_PATH_BYTES} bytes")
+                kind = TREE if e.type == T_DIR else RECIPE if e.type == T_RECIPE else BLOB
+                stack.append((e.id, kind, child, depth + 1))
+        elif k == RECIPE:
+            for cid, _n in decode_recipe(payload(oid), path):
+                stack.append((cid, BLOB, path, depth))
+    return missing
 
 
 def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult, how: str) -> None:
@@ -279,9 +363,8 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
                     res.warnings.append(msg)
                     log.warning("%s", msg)
             elif d.action == "apply":
-                missing, _held = store.missing(r.root)
-                if missing:
-                    res.pending.append(f"{r.label()}: {len(missing)} objects still to come")
+                if d.missing:
+                    res.pending.append(f"{r.label()}: {d.missing} objects still to come")
                 else:
                     live.setdefault(d.name, []).append(d)
         for name, ds in live.items():
@@ -296,8 +379,9 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
             r = d.signed.release
             if d.name in live and d in live[d.name]:
                 continue
-            db.put_release(ReleaseRow(d.name, r.seq, r.root, d.signed.body, d.signed.signature,
-                                      r.size, now, "pending"))
+            if db.release(d.name, r.seq) is None:
+                db.put_release(ReleaseRow(d.name, r.seq, r.root, d.signed.body, d.signed.signature,
+                                          r.size, now, "pending"))
         for name, ds in live.items():
             coll = db.collection(name)
             owner = ds[0].signed.release.owner
@@ -337,6 +421,12 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
                 db.put_peer(h.sender, h.sender_key, "master", now)
             db.peer_seen(h.sender, now, how, None)
         db.record_pack(h.pack_id, h.volume, "in", h.sender, now, res.objects, res.bytes)
+        # What arrived for a release that is not complete yet is kept (gc spares it)
+        # and listed in our next request, so nothing is sent twice.
+        if db.releases(state="pending"):
+            db.add_partial(res.staged)
+        else:
+            db.clear_partial()
     crash_point("db-committed")
     for name in to_deploy:
         coll = db.collection(name)
@@ -396,8 +486,10 @@ def have_state(store: Store) -> dict[str, Any]:
             coll = store.db.collection(row.name)
             owner = coll.owner if coll else ""
             pending.append([f"{owner}/{row.name}", row.seq, row.root])
-            _missing, have = store.missing(row.root)
-            partial |= have - known
+        partial = {oid for oid in store.db.partial_ids() - known if store.objects.has(oid)}
+    if len(partial) > MAX_PARTIAL:
+        # Past this the header would grow too big: say less, receive more.
+        partial = set(sorted(partial)[:MAX_PARTIAL])
     return {"held": held, "pending": pending, "partial": b"".join(sorted(partial))}
 
 
@@ -643,16 +735,20 @@ def list_packs(folder: str) -> tuple[list[str], list[str]]:
     return packs, problems
 
 
+_PACK_NAME = re.compile(r"\.?(?P<sender>[a-z0-9][a-z0-9._-]*)-\d{8}T\d{6}-[0-9a-f]{12}-v\d{3}\.hpk(\.part)?\Z")
+
+
 def _supersede(folder: str, sender: str, keep: list[str]) -> None:
-    """Remove this sender's older packs and abandoned .part files from folder."""
+    """Remove this sender's older packs and abandoned .part files from folder
+    (matched on the whole sender id: school-1 must not take school-1-a's packs)."""
     try:
-        names = os.listdir(folder)
+        names_ = os.listdir(folder)
     except FileNotFoundError:
         return
     keep_names = {os.path.basename(p) for p in keep}
-    for n in names:
-        mine = n.startswith(f"{sender}-") or n.startswith(f".{sender}-")
-        if mine and n not in keep_names and (n.endswith(SUFFIX) or n.endswith(".part")):
+    for n in names_:
+        m = _PACK_NAME.match(n)
+        if m and m.group("sender") == sender and n not in keep_names:
             _unlink(os.path.join(folder, n))
     durable.fsync_dir(folder)
 
@@ -699,7 +795,10 @@ def exchange(store: Store, folder: str, progress: Callable[[int], None] | None =
         except Misaddressed:
             continue  # another server's pack in a shared folder: left alone
         except (PackError, TrustError) as exc:
-            rep.refused.append(str(exc))
+            # One line naming the pack and why (a release or tree check deep
+            # down does not know which file it came from).
+            msg = str(exc)
+            rep.refused.append(msg if msg.startswith(p) else f"{p}: {msg}")
             continue
         rep.imported.append(r)
         answered.add(r.sender)

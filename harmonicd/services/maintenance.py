@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from harmonicd.core.diff import reachable
 from harmonicd.core.objects import BLOB, T_BLOB, T_DIR, T_RECIPE, ObjectId, object_id, short
 from harmonicd.errors import HarmonicError, IntegrityError, StoreError
 from harmonicd.services import deploy as deploy_mod
+from harmonicd.services.deploy import union_tree
 from harmonicd.store.store import Store
 
 log = logging.getLogger("harmonicd.maintenance")
@@ -132,6 +134,42 @@ def _file_matches(store: Store, path: str, typ: int, oid: ObjectId) -> bool:
     return False
 
 
+def _expire_archive(store: Store) -> int:
+    """Master: drop a school's releases older than archive.keep_days (never the live
+    one) and rebuild the deployed archive from what remains."""
+    keep = store.cfg.archive_keep_days
+    if not keep:
+        return 0
+    db = store.db
+    now = int(time.time())
+    dropped = 0
+    for coll in db.collections():
+        if coll.mode != "archive":
+            continue
+        rows = db.releases(coll.name)
+        old = [r for r in rows if r.state == "kept" and now - r.received > keep * 86400]
+        if not old:
+            continue
+        remaining = [r.root for r in rows if r.state in ("live", "kept") and r not in old]
+        batch = store.objects.batch()
+        with batch:
+            union = union_tree(store, batch, remaining) if remaining else coll.root
+            batch.commit()
+        with db.tx():
+            for r in old:
+                db.delete_release(coll.name, r.seq)
+            db.update_collection(coll.name, deployed=union)
+        dropped += len(old)
+        log.info("archive %s: dropped %d releases older than %d days", coll.name, len(old), keep)
+    return dropped
+
+
+def recover(store: Store) -> None:
+    """After a crash: bring every deployment to what the database says is live.
+    (Uncommitted object batches are already removed when the store is opened.)"""
+    deploy_mod.converge(store)
+
+
 @dataclass
 class GcReport:
     kept: int = 0
@@ -165,6 +203,7 @@ def gc(store: Store) -> GcReport:
                 if coll and coll.mode == "owned" and row.state == "kept" and row.root not in held_roots:
                     db.delete_release(row.name, row.seq)
                     rep.releases_dropped += 1
+        rep.releases_dropped += _expire_archive(store)
     roots: list[ObjectId] = []
     partial_roots: list[ObjectId] = []
     for row in db.releases():
@@ -181,6 +220,8 @@ def gc(store: Store) -> GcReport:
     for r in partial_roots:
         _missing, held = store.missing(r)
         keep |= held
+    # Objects of incomplete transfers whose trees have not arrived yet.
+    keep |= db.partial_ids()
     for oid in list(store.objects.ids()):
         if oid in keep:
             rep.kept += 1

@@ -22,8 +22,11 @@ from harmonicd.core import names
 from harmonicd.core.ident import check_collection, check_server_id
 from harmonicd.core.objects import (
     BLOB,
+    CHUNK_AVG,
     CHUNK_MIN,
     FLAG_EXEC,
+    MAX_OBJECT,
+    MAX_TREE_ENTRIES,
     RECIPE,
     T_BLOB,
     T_DIR,
@@ -103,6 +106,10 @@ class _Snapshotter:
             total += entries[-1].size
         names.check_siblings((e.name for e in entries), rel or "the top folder")
         payload = encode_tree(entries)
+        if len(entries) > MAX_TREE_ENTRIES or len(payload) > MAX_OBJECT:
+            raise HarmonicError(f"{path}: a folder of {len(entries)} entries is more than one release can carry "
+                                f"(at most {MAX_TREE_ENTRIES} entries and {MAX_OBJECT >> 20} MiB of listing); "
+                                "split it into sub-folders")
         oid = object_id(TREE, payload)
         self.batch.put(TREE, oid, payload)
         return oid, total
@@ -152,6 +159,9 @@ class _Snapshotter:
             self.batch.put(BLOB, oid, b"")
             return T_BLOB, oid, 0, after
         payload = encode_recipe(chunks)
+        if len(payload) > MAX_OBJECT:
+            raise HarmonicError(f"{path}: {size} bytes is larger than one file in a release may be "
+                                f"(about {MAX_OBJECT // 36 * CHUNK_AVG >> 30} GiB)")
         rid = object_id(RECIPE, payload)
         self.batch.put(RECIPE, rid, payload)
         return T_RECIPE, rid, size, after
@@ -199,6 +209,13 @@ def publish(store: Store, collection: str, src: str, target: str | None = None,
     if cfg.is_master and collection in NODE_COLLECTIONS:
         raise UsageError(f"{collection!r} is a school server's own collection; the master cannot publish it")
     name = local_name(collection, target)
+    # At the school both would be called `collection`, with two unrelated seqs.
+    for other in store.db.collections():
+        if other.mode == "owned" and other.collection == collection and other.name != name and (
+                target is None or other.target is None or other.target == target):
+            kind = "for every school" if other.target is None else f"for {other.target} only"
+            raise UsageError(f"{collection!r} is already published {kind}; a collection is either for "
+                             "every school or per school, not both")
     coll = store.db.collection(name)
     if coll is not None and coll.mode != "owned":
         raise UsageError(f"{name} is a replica owned by {coll.owner}; only its owner publishes it")

@@ -12,6 +12,7 @@ Tables:
 * ``releases``     every signed release kept: live, archived, unacknowledged or incomplete
 * ``statcache``    path -> (size, mtime, ctime, inode, id) for publishing without re-reading
 * ``packs``        pack volumes read and written (re-inserted sticks are skipped quietly)
+* ``partial``      objects received for releases not yet complete (kept by gc, listed in requests)
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ CREATE TABLE IF NOT EXISTS statcache (
     type INTEGER NOT NULL,
     id BLOB NOT NULL,
     PRIMARY KEY (name, path)
+);
+CREATE TABLE IF NOT EXISTS partial (
+    id BLOB PRIMARY KEY            -- objects received for releases still incomplete
 );
 CREATE TABLE IF NOT EXISTS packs (
     pack_id BLOB NOT NULL,
@@ -272,6 +276,16 @@ class StateDB:
         self.conn.execute(
             "INSERT OR REPLACE INTO packs(pack_id, volume, direction, peer, at, objects, bytes) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)", (pack_id, volume, direction, peer, at, objects, nbytes))
+
+    # -- objects held for incomplete releases
+    def add_partial(self, ids: list[bytes]) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO partial(id) VALUES (?)", ((i,) for i in ids))
+
+    def partial_ids(self) -> set[bytes]:
+        return {r[0] for r in self.conn.execute("SELECT id FROM partial")}
+
+    def clear_partial(self) -> None:
+        self.conn.execute("DELETE FROM partial")
 
     def check_integrity(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])

@@ -66,13 +66,18 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
 def disk_error(exc: OSError, doing: str, needed: int, where: str) -> StoreError:
     """Turn ENOSPC/EDQUOT into a message that says how much space is needed."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        no_inodes = False
         try:
             st = os.statvfs(where)
             free = st.f_bavail * st.f_frsize
+            # ENOSPC also means no free inodes, with bytes to spare: say so.
+            no_inodes = st.f_files > 0 and st.f_favail == 0
         except OSError:
             free = -1
         need = f"about {mib(needed)} needed" if needed else "more space needed"
         have = f", {mib(free)} free" if free >= 0 else ""
+        if no_inodes:
+            have += " but no room for more files (no free inodes)"
         return DiskFullError(f"disk full while {doing} in {where}: {need}{have}; nothing was applied")
     return StoreError(f"{doing} failed in {where}: {exc.strerror or exc}")
 

@@ -43,6 +43,15 @@ class ObjectStore:
     def has(self, oid: ObjectId) -> bool:
         return os.path.exists(self.path(oid))
 
+    def kind(self, oid: ObjectId) -> int | None:
+        """The kind byte of a stored object, or None if it is not held."""
+        try:
+            with open(self.path(oid), "rb") as f:
+                b = f.read(1)
+        except FileNotFoundError:
+            return None
+        return b[0] if b else None
+
     def size(self, oid: ObjectId) -> int:
         """Payload size without reading the object."""
         return os.stat(self.path(oid)).st_size - 1
@@ -105,6 +114,7 @@ class Batch:
         self.dir = os.path.join(store.incoming, f"{os.getpid()}-{os.urandom(6).hex()}")
         os.makedirs(self.dir)
         self.pending: dict[ObjectId, int] = {}  # id -> payload size
+        self.kinds: dict[ObjectId, int] = {}
         self.bytes = 0
         self.closed = False
         self._pool: ThreadPoolExecutor | None = None
@@ -113,6 +123,10 @@ class Batch:
 
     def has(self, oid: ObjectId) -> bool:
         return oid in self.pending or self.store.has(oid)
+
+    def kind(self, oid: ObjectId) -> int | None:
+        """Kind of a staged object, None if it is not staged in this batch."""
+        return self.kinds.get(oid)
 
     def staged_path(self, oid: ObjectId) -> str | None:
         return os.path.join(self.dir, oid.hex()) if oid in self.pending else None
@@ -132,6 +146,7 @@ class Batch:
             return False
         data = payload if isinstance(payload, bytes) else bytes(payload)
         self.pending[oid] = len(data)
+        self.kinds[oid] = kind
         self.bytes += len(data)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="objwrite")

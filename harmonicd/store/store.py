@@ -9,9 +9,10 @@ State folder layout (docs/state-dir.md)::
     deploy/           default home of deployed replicas (config deploy.dir)
     sources/          default source folders of a school's stats and backup
 
-Opening with ``lock=True`` waits for the lock (never fails as "busy") and runs
-recovery: uncommitted batches are removed and every deployment is brought to
-the release the database says is live.
+Opening with ``lock=True`` waits for the lock (never fails as "busy") and
+removes uncommitted object batches; bringing deployments to the release the
+database says is live is services.maintenance.recover, which every command
+that changes state runs first.
 """
 
 from __future__ import annotations
