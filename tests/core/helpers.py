@@ -216,10 +216,10 @@ def run_limited(code: str, *, mem_bytes: int = 1 << 30, timeout: float = 120,
 
 
 def raw_pack(key: keys.SigningKey, hdr: Header | bytes, frames: Iterable[tuple[int, int, bytes]], *,
-             trailer: dict[str, Any] | None = None, objects: int = 0, raw_bytes: int = 0) -> bytes:
+             trailer: Any = None, objects: int = 0, raw_bytes: int = 0) -> bytes:
     """A pack built frame by frame, with a true digest and a valid signature:
     how a sender holding the key (or a bug in one) could damage a pack.
-    ``hdr`` may be raw bytes (a hostile header)."""
+    ``hdr`` and ``trailer`` may be raw bytes (hostile msgpack)."""
     import blake3
 
     from harmonicd.core.codec import pack_msg
@@ -231,8 +231,11 @@ def raw_pack(key: keys.SigningKey, hdr: Header | bytes, frames: Iterable[tuple[i
     for typ, raw_len, stored in frames:
         out += FRAME_HEAD.pack(typ, raw_len, len(stored)) + stored
         n += 1
-    t = pack_msg(trailer if trailer is not None else
-                 {"frames": n, "objects": objects, "raw_bytes": raw_bytes, "last": True})
+    if isinstance(trailer, bytes):
+        t = trailer
+    else:
+        t = pack_msg(trailer if trailer is not None else
+                     {"frames": n, "objects": objects, "raw_bytes": raw_bytes, "last": True})
     out += FRAME_HEAD.pack(F_END, 0, len(t)) + t
     digest = blake3.blake3(bytes(out)).digest()
     return bytes(out) + digest + key.sign(keys.TAG_PACK, digest) + END_MAGIC

@@ -344,3 +344,73 @@ def test_trust_callback_decides_the_key() -> None:
     data, _ = write_pack([("plain", BLOB, object_id(BLOB, b"x"), b"x")])
     with pytest.raises(UntrustedPack):
         PackReader(io.BytesIO(data), "p", trust_only(STRANGER.public))
+
+
+# --------------------------------------------------------------------------- signed but hostile framing
+
+
+def _rec(kind: int, oid: bytes, data: bytes) -> bytes:
+    from harmonicd.core.pack import REC_PLAIN
+    return REC_PLAIN.pack(kind, oid, len(data)) + data
+
+
+def _zstd_claiming(size: int) -> bytes:
+    import struct
+    return b"\x28\xb5\x2f\xfd\xe0" + struct.pack("<Q", size) + b"\x09\x00\x00x"
+
+
+def _streamed(data: bytes, window_log: int) -> bytes:
+    import zstandard
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log)
+    c = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    return c.compress(data) + c.flush()
+
+
+def _hostile_frames() -> dict[str, tuple[list[tuple[int, int, bytes]], Any, str]]:
+    from harmonicd.core.pack import DELTA_BIT, F_STORED, F_ZSTD, MAX_FRAME_RAW, REC_DELTA
+    good = _rec(BLOB, object_id(BLOB, b"x"), b"x")
+    delta_head = REC_DELTA.pack(BLOB | DELTA_BIT, object_id(BLOB, b"x"), object_id(BLOB, b"y"), 0xFFFFFFFF, 4)
+    return {
+        "zstd frame declaring 2^40 bytes": ([(F_ZSTD, len(good), _zstd_claiming(1 << 40))], None, "declares"),
+        "zstd window of 128 MiB": ([(F_ZSTD, len(good), _streamed(good, 27))], None, "window"),
+        "zstd frame expanding past raw_len": ([(F_ZSTD, 10, _streamed(good * 100, 20))], None, "damaged"),
+        "zstd frame with trailing data": ([(F_ZSTD, len(good), _streamed(good, 20) + b"junk")], None, "damaged"),
+        "frame claiming more than the limit": ([(F_STORED, MAX_FRAME_RAW + 1, b"")], None, "claims"),
+        "empty frame": ([(F_STORED, 0, b"")], None, "claims"),
+        "stored sizes disagree": ([(F_STORED, 5, good)], None, "disagree"),
+        "unknown frame type": ([(7, len(good), good)], None, "unknown frame type"),
+        "record longer than its frame": ([(F_STORED, len(good) - 1, good[:-1])], None, "malformed"),
+        "record header cut short": ([(F_STORED, 10, good[:10])], None, "cut short"),
+        "unknown record kind": ([(F_STORED, len(good), bytes([9]) + good[1:])], None, "malformed"),
+        "delta claiming 4 GiB": ([(F_STORED, len(delta_head) + 4, delta_head + b"abcd")], None, "malformed"),
+        "trailer that lies": ([(F_STORED, len(good), good)], {"frames": 1, "objects": 2, "raw_bytes": 1},
+                              "trailer counts"),
+        "trailer that is a list": ([], [1, 2], "trailer is malformed"),
+        "trailer nested deep": ([], b"\x91" * 10_000 + b"\xc0", "malformed msgpack"),
+        "trailer with trailing bytes": ([], pack_msg({"frames": 0, "objects": 0, "raw_bytes": 0}) + b"x",
+                                        "trailing bytes"),
+    }
+
+
+HOSTILE_FRAMES = _hostile_frames()
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_FRAMES))
+def test_signed_pack_with_hostile_frames_is_refused(case: str) -> None:
+    from tests.core.helpers import raw_pack
+    frames, trailer, why = HOSTILE_FRAMES[case]
+    data = raw_pack(SENDER, header(), frames, trailer=trailer, objects=len(frames), raw_bytes=len(frames))
+    with pytest.raises(CorruptPack, match=why):
+        read_pack(data)
+
+
+@pytest.mark.parametrize(("head", "why"), [
+    ((1, 10, (16 << 20) + (64 << 10) + 4096 + 1), "claims"),  # stored length over the limit
+    ((0xFF, 0, (64 << 10) + 1), "end frame is malformed"),  # trailer over its limit
+    ((0xFF, 1, 3), "end frame is malformed"),
+])
+def test_lengths_are_checked_before_reading(head: tuple[int, int, int], why: str) -> None:
+    """Nothing follows the frame head: a length over the limit is refused before any read."""
+    data = SAMPLE[:frame_boundaries(SAMPLE)[2]] + FRAME_HEAD.pack(*head)
+    with pytest.raises(CorruptPack, match=why):
+        read_pack(data)
