@@ -70,14 +70,15 @@ def disk_error(exc: OSError, doing: str, needed: int, where: str) -> StoreError:
         try:
             st = os.statvfs(where)
             free = st.f_bavail * st.f_frsize
-            # ENOSPC also means no free inodes, with bytes to spare: say so.
-            no_inodes = st.f_files > 0 and st.f_favail == 0
+            # ENOSPC also means no free inodes, with bytes to spare: say so
+            # (the caller may have freed its own files before asking).
+            no_inodes = st.f_files > 0 and (st.f_favail == 0 or 0 < needed < free)
         except OSError:
             free = -1
         need = f"about {mib(needed)} needed" if needed else "more space needed"
         have = f", {mib(free)} free" if free >= 0 else ""
         if no_inodes:
-            have += " but no room for more files (no free inodes)"
+            have += " but no room for more files (no free inodes; delete files or remake with more)"
         return DiskFullError(f"disk full while {doing} in {where}: {need}{have}; nothing was applied")
     return StoreError(f"{doing} failed in {where}: {exc.strerror or exc}")
 

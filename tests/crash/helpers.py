@@ -16,10 +16,7 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -252,30 +249,6 @@ class Mounts:
             self.detach(d)
 
 
-@pytest.fixture
-def mounts() -> Iterator[Mounts]:
-    m = Mounts()
-    try:
-        yield m
-    finally:
-        m.cleanup()
-
-
-@contextmanager
-def moved_aside(path: Path) -> Iterator[Path]:
-    aside = path.with_name(path.name + ".aside")
-    path.rename(aside)
-    try:
-        yield aside
-    finally:
-        if aside.exists() and not path.exists():
-            aside.rename(path)
-
-
-def py() -> str:
-    return sys.executable
-
-
 # --------------------------------------------------------------------------- a crash world
 
 
@@ -286,7 +259,7 @@ class World:
     and the stick back to that moment, so each crash run starts from the same place."""
 
     def __init__(self, base: Path, *, files: int = 200, big: int = 3, school_volume: str | None = None,
-                 master_volume: str | None = None, school_state_ready: bool = False) -> None:
+                 master_volume: str | None = None, grow: int = 0) -> None:
         from tests.conftest import make_master, make_school
 
         base.mkdir(parents=True, exist_ok=True)
@@ -308,6 +281,8 @@ class World:
         self.old = tree_digest(s.deploy / "content")
         assert self.old == tree_digest(self.src)
         change_set(self.src, seed=32)
+        if grow:
+            (self.src / "added" / "grow.bin").write_bytes(random.Random(33).randbytes(grow))
         m.ctl("publish", "content", str(self.src))
         self.new = tree_digest(self.src)
         m.ctl("exchange", str(stick))  # answers the school's last request with release 2
@@ -323,9 +298,25 @@ class World:
             shutil.copytree(p, self.snap / name, symlinks=True)
 
     def reset(self) -> None:
-        for name, p in (("school", self.s.state), ("stick", self.stick)):
+        self.reset_school()
+        self.reset_stick()
+
+    def reset_school(self) -> None:
+        # Empties the folder rather than removing it: it may be a mount point.
+        clear(self.s.state)
+        shutil.copytree(self.snap / "school", self.s.state, symlinks=True, dirs_exist_ok=True)
+
+    def reset_stick(self) -> None:
+        shutil.rmtree(self.stick)
+        shutil.copytree(self.snap / "stick", self.stick, symlinks=True)
+
+
+def clear(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-            shutil.copytree(self.snap / name, p, symlinks=True)
+        else:
+            p.unlink()
 
 
 def pack_verifies(path: Path) -> bool:
