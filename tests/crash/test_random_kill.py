@@ -8,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.crash.helpers import World, assert_recovers, assert_stick_clean, ctl_popen, kill_after
+from tests.conftest import make_master, make_school, tree_digest
+from tests.crash.helpers import (
+    World,
+    assert_recovers,
+    assert_stick_clean,
+    coll,
+    ctl_popen,
+    gen_tree,
+    incoming_batches,
+    kill_after,
+    status,
+)
 
 RUNS = 20
 
@@ -40,3 +51,32 @@ def test_random_sigkill_during_import(tmp_path: Path) -> None:
             outcomes[which] += 1
     # The spread must have hit the import, not only the start or the end.
     assert outcomes["old"] + outcomes["new"] >= RUNS // 2, outcomes
+
+
+@pytest.mark.long
+def test_random_sigkill_during_publish(tmp_path: Path) -> None:
+    """A master publish killed at random: nothing or the whole release is published,
+    verify passes, and the next publish and round trip give the school that tree."""
+    m, key = make_master(tmp_path)
+    s = make_school(tmp_path, m, key)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    rng = random.Random(7)
+    for i in range(10):
+        src = tmp_path / f"content{i}"
+        gen_tree(src, seed=100 + i, files=300, big=6)
+        before = coll(status(m), "content")
+        t0 = time.monotonic()
+        rc = kill_after(ctl_popen(m, "publish", "content", str(src)), rng.uniform(0.05, 1.5))
+        assert rc in (0, -9), f"publish exited {rc}"
+        after = coll(status(m), "content")
+        assert after["seq"] in (before["seq"], before["seq"] + 1)
+        m.ctl("verify")
+        assert not incoming_batches(m)
+        seq = int(m.ctl("publish", "content", str(src)).stdout)
+        assert seq == before["seq"] + 1, f"run {i} ({time.monotonic() - t0:.2f} s): seq {seq}"
+        s.ctl("exchange", str(stick))
+        m.ctl("exchange", str(stick))
+        s.ctl("exchange", str(stick))
+        assert tree_digest(s.deploy / "content") == tree_digest(src)
+    s.ctl("verify")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
-from tests.conftest import Server, make_master, make_school, tree_digest, trusted_state
-from tests.crash.helpers import coll, gen_tree, packs_in, status
+from tests.conftest import Server, make_master, make_school, tree_digest, trusted_state, write_tree
+from tests.crash.helpers import coll, gen_tree, pack_verifies, packs_in, status
 
 VOL = "256KiB"
 
@@ -31,10 +32,24 @@ def test_volumes_each_stand_alone_and_all_together_give_the_release(tmp_path: Pa
     assert len(vols) >= 4
     for v in vols:
         assert v.stat().st_size <= 256 << 10, f"{v.name} is larger than the volume size"
+        assert pack_verifies(v), f"{v.name} does not verify on its own"
+    # The school's statistics go up in volumes too.
+    rng = random.Random(5)
+    write_tree(s.source("stats"), {f"log{i}.bin": rng.randbytes(300 << 10) for i in range(4)})
     s.ctl("exchange", str(stick))
     assert tree_digest(s.deploy / "content") == tree_digest(src)
     assert not packs_in(stick, "to-school-1")
+    up = packs_in(stick, "to-master")
+    assert len(up) >= 4
+    for v in up:
+        assert v.stat().st_size <= 256 << 10, f"{v.name} is larger than the volume size"
+        assert pack_verifies(v), f"{v.name} does not verify on its own"
+    m.ctl("exchange", str(stick))
+    assert tree_digest(m.deploy / "school-1" / "stats") == tree_digest(s.source("stats"))
+    s.ctl("exchange", str(stick))
+    assert coll(status(s), "stats")["pending_bytes"] == 0
     s.ctl("verify")
+    m.ctl("verify")
 
 
 def test_volumes_imported_one_trip_at_a_time(tmp_path: Path) -> None:
