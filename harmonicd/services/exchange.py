@@ -40,9 +40,11 @@ from harmonicd.core.objects import (
     KIND_NAMES,
     MAX_OBJECT,
     RECIPE,
+    T_BLOB,
     T_DIR,
     T_RECIPE,
     TREE,
+    Entry,
     ObjectId,
     decode_recipe,
     decode_tree,
@@ -303,6 +305,10 @@ def _check_release(store: Store, batch: Batch, d: Decision, where: str) -> int:
             checked = set()
     missing = 0
     seen: set[ObjectId] = set()
+    # Depth and path length depend on where a folder is, not on what it is: a
+    # folder met again deeper or longer than before (a shared subtree, or one of
+    # the live release now placed lower) is walked again at that place.
+    walked: dict[ObjectId, tuple[int, int]] = {}
     label = d.signed.release.label()
 
     def kind_of(oid: ObjectId) -> int | None:
@@ -312,10 +318,30 @@ def _check_release(store: Store, batch: Batch, d: Decision, where: str) -> int:
     def payload(oid: ObjectId) -> bytes:
         return batch.get(oid)[1]
 
+    def size_of(oid: ObjectId) -> int | None:
+        if oid in batch.pending:
+            return batch.pending[oid]
+        return store.objects.size(oid) if store.objects.has(oid) else None
+
+    def lies(path: str, what: str, said: int, real: int) -> CorruptPack:
+        return CorruptPack(f"{where}: {label}: {path} is {said} bytes by its {what}, its data has {real}")
+
     stack: list[tuple[ObjectId, int, str, int]] = [(d.signed.release.root, TREE, "", 0)]
     while stack:
         oid, want, path, depth = stack.pop()
-        if oid in checked or oid in seen:
+        if want == TREE:
+            at = (depth, len(path.encode()))
+            prev = walked.get(oid)
+            if prev is not None and prev[0] >= at[0] and prev[1] >= at[1]:
+                continue
+            walked[oid] = at if prev is None else (max(prev[0], at[0]), max(prev[1], at[1]))
+            if prev is not None or oid in checked:
+                # Only where it lies is new: its entries were checked already.
+                k = kind_of(oid)
+                if k == TREE:
+                    _walk_again(payload(oid), path, depth, stack, where, label)
+                continue
+        elif oid in checked or oid in seen:
             continue
         seen.add(oid)
         k = kind_of(oid)
@@ -326,19 +352,41 @@ def _check_release(store: Store, batch: Batch, d: Decision, where: str) -> int:
             raise CorruptPack(f"{where}: {label}: {path or '/'} refers to a {KIND_NAMES[k]} "
                               f"where a {KIND_NAMES[want]} belongs")
         if k == TREE:
-            if depth > names.MAX_DEPTH:
-                raise CorruptPack(f"{where}: {label}: folders nested deeper than {names.MAX_DEPTH} at {path[:80]}")
-            for e in decode_tree(payload(oid), path):
+            for e in _walk_again(payload(oid), path, depth, stack, where, label):
+                # A file's length in its folder must be that of its data.
                 child = names.join(path, e.name)
-                if len(child.encode()) > names.MAX_PATH_BYTES:
-                    raise CorruptPack(f"{where}: {label}: path {child[:80]}… is longer than "
-                                      f"{names.MAX_PATH_BYTES} bytes")
-                kind = TREE if e.type == T_DIR else RECIPE if e.type == T_RECIPE else BLOB
-                stack.append((e.id, kind, child, depth + 1))
+                if e.type == T_BLOB:
+                    n = size_of(e.id)
+                    if n is not None and n != e.size:
+                        raise lies(child, "folder entry", e.size, n)
+                elif e.type == T_RECIPE and kind_of(e.id) == RECIPE:
+                    n = sum(c for _cid, c in decode_recipe(payload(e.id), child))
+                    if n != e.size:
+                        raise lies(child, "folder entry", e.size, n)
         elif k == RECIPE:
-            for cid, _n in decode_recipe(payload(oid), path):
+            for cid, n in decode_recipe(payload(oid), path):
+                real = size_of(cid)
+                if real is not None and real != n:
+                    raise lies(path, "file recipe's chunk list", n, real)
                 stack.append((cid, BLOB, path, depth))
     return missing
+
+
+def _walk_again(tree: bytes, path: str, depth: int, stack: list[tuple[ObjectId, int, str, int]],
+                where: str, label: str) -> list[Entry]:
+    """Check a folder's depth and its entries' path lengths at this place, and
+    queue its entries; returns them."""
+    if depth > names.MAX_DEPTH:
+        raise CorruptPack(f"{where}: {label}: folders nested deeper than {names.MAX_DEPTH} at {path[:80]}")
+    entries = decode_tree(tree, path)
+    for e in entries:
+        child = names.join(path, e.name)
+        if len(child.encode()) > names.MAX_PATH_BYTES:
+            raise CorruptPack(f"{where}: {label}: path {child[:80]}… is longer than "
+                              f"{names.MAX_PATH_BYTES} bytes")
+        kind = TREE if e.type == T_DIR else RECIPE if e.type == T_RECIPE else BLOB
+        stack.append((e.id, kind, child, depth + 1))
+    return entries
 
 
 def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult, how: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from harmonicd.core.codec import pack_msg
-from harmonicd.core.objects import BLOB, T_BLOB, TREE, object_id
+from harmonicd.core.objects import BLOB, T_BLOB, T_DIR, TREE, object_id
 from harmonicd.core.pack import F_ZSTD, MAX_FRAME_RAW, MAX_HEADER, REC_PLAIN
 from tests.bad_input.helpers import (
     MASTER_ID,
@@ -223,3 +223,84 @@ def test_hostile_release_records(synced: Synced) -> None:
     for f in files.values():
         refusal(p, f, r"release record|collection name '\.\./\.\./etc' is not valid")
     assert_unchanged(s, before)
+
+
+def _chain(names: list[str], leaf: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """Folders nested as names[0]/names[1]/.../leaf; returns (top id, objects)."""
+    objs: list[tuple[int, bytes]] = []
+    cur = leaf
+    for n in reversed(names):
+        t = raw_tree([(n, T_DIR, cur, 6)])
+        objs.append((TREE, t))
+        cur = object_id(TREE, t)
+    return cur, objs
+
+
+def _deep_cases() -> dict[str, tuple[bytes, list[tuple[int, bytes]], str]]:
+    blob = b"pwned\n"
+    leaf = raw_tree([("f.txt", T_BLOB, object_id(BLOB, blob), 6)])
+    base: list[tuple[int, bytes]] = [(BLOB, blob), (TREE, leaf)]
+    lid = object_id(TREE, leaf)
+    out = {}
+    # Straight: 70 folders; 17 names of 250 bytes.
+    top, objs = _chain(["d"] * 70, lid)
+    out["deep"] = (top, base + objs, r"deeper")
+    top, objs = _chain([chr(97 + i) * 250 for i in range(17)], lid)
+    out["long"] = (top, base + objs, r"longer than 4096")
+    # Through a shared subtree: T is reached directly at the top ("b") and again
+    # below two more folders ("a/..."), where it is too deep or too long. A check
+    # that walks each subtree once, where it first meets it, misses the second.
+    for tag, names, prefix in (("shared-long", [chr(97 + i) * 250 for i in range(15)], ["z" * 250, "y" * 250]),
+                               ("shared-deep", ["d"] * 60, ["p"] * 10)):
+        t_id, t_objs = _chain(names, lid)
+        a_id, a_objs = _chain(prefix, t_id)
+        root = raw_tree([("a", T_DIR, a_id, 6), ("b", T_DIR, t_id, 6)])
+        out[tag] = (object_id(TREE, root), base + t_objs + a_objs + [(TREE, root)],
+                    r"longer than 4096|deeper")
+    return out
+
+
+def test_paths_too_deep_or_too_long(synced: Synced) -> None:
+    """A validly signed tree whose paths pass MAX_DEPTH or MAX_PATH_BYTES is refused
+    before anything is applied (else the release goes live, its deployment fails
+    with "File name too long", and every later command stumbles on it)."""
+    files = {}
+    for i, (tag, (root, objs, why)) in enumerate(_deep_cases().items()):
+        files[tag] = (_pack_with_tree(synced, tag, root, objs, seq=2 + i), why)
+    before = snapshot(synced.school)
+    p = exchange(synced.school, synced.stick)
+    for f, why in files.values():
+        refusal(p, f, why)
+    assert_unchanged(synced.school, before)
+    v = synced.school.ctl("verify", check=False)
+    assert v.returncode == 0, v.stderr
+
+
+def test_file_sizes_that_lie(synced: Synced) -> None:
+    """A tree entry or a recipe that gives a file another length than its data has
+    (C7: a length that differs from the manifest) is refused; else it is deployed,
+    and `verify` then calls the deployed file damaged."""
+    from harmonicd.core.objects import RECIPE, T_RECIPE, encode_recipe
+
+    blob = b"short\n"
+    bid = object_id(BLOB, blob)
+    rec_ok = encode_recipe([(bid, 6), (bid, 6)])
+    rec_lying = encode_recipe([(bid, 10), (bid, 6)])
+    cases = {
+        "blob-size": ([("a.txt", T_BLOB, bid, 100)], [(BLOB, blob)], r"size|bytes|length"),
+        "recipe-total": ([("b.txt", T_RECIPE, object_id(RECIPE, rec_ok), 16)], [(BLOB, blob), (RECIPE, rec_ok)],
+                         r"size|bytes|length"),
+        "chunk-length": ([("c.txt", T_RECIPE, object_id(RECIPE, rec_lying), 16)],
+                         [(BLOB, blob), (RECIPE, rec_lying)], r"size|bytes|length"),
+    }
+    files = {}
+    for i, (tag, (entries, objs, why)) in enumerate(cases.items()):
+        tree = raw_tree(entries)
+        files[tag] = (_pack_with_tree(synced, tag, object_id(TREE, tree), [*objs, (TREE, tree)], seq=2 + i), why)
+    before = snapshot(synced.school)
+    p = exchange(synced.school, synced.stick)
+    for f, why in files.values():
+        refusal(p, f, why)
+    assert_unchanged(synced.school, before)
+    v = synced.school.ctl("verify", check=False)
+    assert v.returncode == 0, v.stderr
