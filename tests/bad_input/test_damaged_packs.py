@@ -93,7 +93,7 @@ def test_flipped_bits_everywhere(synced: Synced) -> None:
         "magic": r"bad magic",
         "version": r"version .* not supported",
         "flags": r"features",
-        "header": r"checksum does not match|header",
+        "header": r"checksum does not match|header|not trust",
         "frame": r"checksum does not match|damaged|malformed|claims|frame|incomplete|disagree|trailer",
         "zstd": r"damaged|not a zstd frame|declares|window|checksum does not match|does not match its id|malformed"
                 r"|cut short",
@@ -157,6 +157,9 @@ def test_mix_and_match_and_unsigned(synced: Synced) -> None:
         "doubled": (a + a, r"after the end"),
         "empty": (b"", r"incomplete"),
         "notapack": (b"PK\x03\x04 this is a zip file, not a pack" * 10, r"not a Harmonic pack"),
+        "header-4gib": (PREAMBLE.pack(b"HRMNPACK", 1, 0, 0xFFFFFFFF) + a[PREAMBLE.size:],
+                        r"claims 4294967295 bytes \(limit"),
+        "version-9": (PREAMBLE.pack(b"HRMNPACK", 9, 0, 10) + a[PREAMBLE.size:], r"version 9 is not supported"),
     }
     files = {}
     for tag, (data, _why) in cases.items():

@@ -304,3 +304,28 @@ def test_file_sizes_that_lie(synced: Synced) -> None:
     assert_unchanged(synced.school, before)
     v = synced.school.ctl("verify", check=False)
     assert v.returncode == 0, v.stderr
+
+
+def test_hostile_names_from_a_school(synced: Synced) -> None:
+    """The master is as strict with a school's statistics as a school is with content."""
+    m, s, stick = synced.master, synced.school, synced.stick
+    skey = signing_key(s)
+    mkey = public_key(m)
+    box = inbox(m, stick)
+
+    class School:
+        name = SCHOOL_ID
+
+    files = {}
+    for i, (tag, names, why) in enumerate([("dotdot", [".."], r"escape"), ("case", ["A.json", "a.json"], r"collide"),
+                                           ("slash", ["../../etc/cron.d/x"], r"contains '/'")]):
+        root, objs = hostile_tree(names)
+        rel = sign_release(skey, root, seq=2 + i, collection="stats", owner=SCHOOL_ID, size=6, files=1)
+        files[tag] = (write_pack(box / pack_file_name(SCHOOL_ID, tag), skey,
+                                 header_for(School(), skey, MASTER_ID, mkey, [rel]), objs), why)
+    before = snapshot(m)
+    p = exchange(m, stick)
+    for f, why in files.values():
+        refusal(p, f, why)
+    assert_unchanged(m, before)
+    _no_file_with(synced.tmp, b"pwned\n", [stick, m.state / "objects", s.state])

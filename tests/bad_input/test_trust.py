@@ -182,11 +182,26 @@ def test_old_release_from_an_old_stick(synced: Synced) -> None:
     assert len(lines) == 1, p.stderr
     assert "older than release 2" in lines[0]
     assert (s.deploy / "content" / "index.html").read_bytes() == b"<h1>two</h1>"
+    # Nothing changed but the receipt of that pack (so the next visit skips it quietly).
     after = snapshot(s)
-    for t in ("releases", "collections"):
-        assert after.rows[t] == before.rows[t]
+    added = [r for r in after.rows["packs"] if r not in before.rows["packs"]]
+    assert [(r[0], r[2]) for r in added] == [(_pack_id(old[0]), "in")]
+    after.rows["packs"] = before.rows["packs"]
+    assert after.rows == before.rows
     assert after.trusted["objects"] == before.trusted["objects"]
     assert after.trusted["deploy"] == before.trusted["deploy"]
+    p = exchange(s, stick)
+    assert p.returncode == 0, p.stderr
+    assert back.name not in p.stderr
+
+
+def _pack_id(path: Path) -> bytes:
+    import io
+
+    from harmonicd.core.pack import PackReader
+
+    with open(path, "rb") as f:
+        return PackReader(io.BytesIO(f.read()), str(path), lambda h: h.sender_key).header.pack_id
 
 
 def test_same_pack_again_is_skipped_quietly(synced: Synced) -> None:

@@ -114,12 +114,18 @@ BOUNDED_BOMB = """
     from harmonicd.core.pack import FRAME_HEAD, F_ZSTD, MAX_FRAME_RAW
     from tests.core.helpers import header, read_pack, SENDER
     from tests.core.helpers import raw_pack
-    data = raw_pack(SENDER, header(), [(F_ZSTD, MAX_FRAME_RAW, bomb)])
-    try:
-        read_pack(data)
-        results.append("accepted")
-    except CorruptPack:
-        results.append("refused")
+    import struct
+    claim = b"\\x28\\xb5\\x2f\\xfd\\xe0" + struct.pack("<Q", 1 << 40) + b"\\x09\\x00\\x00x"
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27)
+    c = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    wide = c.compress(b"abc" * 1000) + c.flush()
+    for frame in (bomb, claim, wide):
+        data = raw_pack(SENDER, header(), [(F_ZSTD, MAX_FRAME_RAW, frame)])
+        try:
+            read_pack(data)
+            results.append("accepted")
+        except CorruptPack:
+            results.append("refused")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"results": results, "peak": peak}))
 """
@@ -129,7 +135,7 @@ def test_bomb_is_refused_in_bounded_memory() -> None:
     p = run_limited(BOUNDED_BOMB, mem_bytes=1 << 30)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
-    assert out["results"] == ["refused"] * 4
+    assert out["results"] == ["refused"] * 6
     assert out["peak"] < 256 << 20, f"peak RSS {out['peak']} bytes"
 
 
