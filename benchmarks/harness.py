@@ -1,0 +1,392 @@
+"""Measuring tools: harmonicctl runs with their time and peak RSS, the ideal
+delta of a change, rsync's batch, zstd baselines, tree digests."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import blake3
+import zstandard
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PY = sys.executable
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------- running commands
+
+
+@dataclass
+class Run:
+    cmd: list[str]
+    rc: int
+    wall: float
+    cpu: float  # user + system seconds of the child
+    maxrss: int  # bytes, the child's peak resident set
+    stdout: str
+    stderr: str
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, check: bool = True, cwd: str | None = None) -> Run:
+    """Run cmd; wall time, CPU time and peak RSS of that one child (os.wait4)."""
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=e, cwd=cwd)
+        _pid, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        r = Run(cmd, p.returncode, wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024,
+                out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+    if check and r.rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.rc}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def timed(cmd: list[str] | str, shell: bool = False) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, shell=shell, check=True)
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Server:
+    name: str
+    config: str
+    state: str
+    chunk: tuple[int, int, int] | None = None
+
+    def ctl(self, *args: str) -> Run:
+        if self.chunk is None:
+            cmd = [PY, "-m", "harmonicd", "--config", self.config, *args]
+            env = None
+        else:
+            cmd = [PY, os.path.join(HERE, "hctl.py"), "--config", self.config, *args]
+            env = {"HBENCH_CHUNK": ",".join(str(x) for x in self.chunk)}
+        return run(cmd, env=env)
+
+    @property
+    def deployed(self) -> str:
+        return os.path.join(self.state, "deploy", "content")
+
+    def object_count(self) -> tuple[int, int]:
+        """Object files in the store and their total size."""
+        n = size = 0
+        root = os.path.join(self.state, "objects")
+        for shard in os.listdir(root):
+            if len(shard) != 2:
+                continue
+            with os.scandir(os.path.join(root, shard)) as it:
+                for d in it:
+                    n += 1
+                    size += d.stat().st_size
+        return n, size
+
+
+def make_pair(base: str, chunk: tuple[int, int, int] | None = None) -> tuple[Server, Server, str]:
+    """A master, an enrolled school and an empty stick folder under base (made afresh)."""
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    m = Server("master-1", os.path.join(base, "master-1.toml"), os.path.join(base, "master-1"), chunk)
+    s = Server("school-1", os.path.join(base, "school-1.toml"), os.path.join(base, "school-1"), chunk)
+    mkey = m.ctl("init", "master", "--id", m.name, "--state-dir", m.state).stdout.strip()
+    skey = s.ctl("init", "node", "--id", s.name, "--state-dir", s.state, "--master-key", mkey).stdout.strip()
+    m.ctl("enroll", s.name, skey)
+    stick = os.path.join(base, "stick")
+    os.makedirs(stick)
+    return m, s, stick
+
+
+def packs_for(stick: str, school: str) -> list[str]:
+    d = os.path.join(stick, "HARMONIC", f"to-{school}")
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".hpk")) if os.path.isdir(d) else []
+
+
+def objects_in_output(out: str) -> int:
+    m = re.search(r"\((\d+) objects", out)
+    return int(m.group(1)) if m else -1
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def walk_files(root: str) -> dict[str, os.stat_result]:
+    out: dict[str, os.stat_result] = {}
+    stack = [("", root)]
+    while stack:
+        rel, path = stack.pop()
+        with os.scandir(path) as it:
+            for d in it:
+                r = f"{rel}/{d.name}" if rel else d.name
+                if d.is_dir(follow_symlinks=False):
+                    stack.append((r, d.path))
+                elif d.is_file(follow_symlinks=False):
+                    out[r] = d.stat(follow_symlinks=False)
+    return out
+
+
+def tree_bytes(root: str) -> tuple[int, int]:
+    files = walk_files(root)
+    return len(files), sum(st.st_size for st in files.values())
+
+
+def file_hash(path: str) -> bytes:
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "rb") as f:
+        while b := f.read(8 * MiB):
+            h.update(b)
+    return h.digest()
+
+
+def tree_digest(root: str) -> str:
+    """Digest of every regular file's path and content (what a replica must show)."""
+    root = os.path.realpath(root)
+    h = blake3.blake3()
+    for rel, _st in sorted(walk_files(root).items()):
+        h.update(rel.encode() + b"\0" + file_hash(os.path.join(root, rel)))
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- the ideal delta
+
+
+@dataclass
+class Ideal:
+    bytes: int = 0
+    small_files: int = 0  # new or changed files up to 1 MiB: zstd -3 of the whole file
+    small_bytes: int = 0
+    large_files: int = 0  # changed files over 1 MiB: zstd -3 of the changed byte range only
+    large_bytes: int = 0
+    new_large: int = 0  # new files over 1 MiB (no old version): the whole file
+    renamed: int = 0  # content already held under another name: free
+    unchanged: int = 0
+    deleted: int = 0
+    raw_changed: int = 0  # bytes of new or changed content before compression
+    notes: list[str] = field(default_factory=list)
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    step = 1 << 16
+    i = 0
+    while i < n and a[i:i + step] == b[i:i + step]:
+        i += step
+    if i >= n:
+        return n
+    end = min(n, i + step)
+    while i < end and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def ideal_delta(v1: str, v2: str, counterpart: Callable[[str], str] = lambda r: r, limit: int = MiB) -> Ideal:
+    """zstd -3 of each new or changed file up to `limit`, of only the changed byte
+    range (common prefix and suffix removed) of larger changed files; content
+    already present in v1 under any name costs nothing; deletions cost nothing."""
+    zc = zstandard.ZstdCompressor(level=3)
+    f1 = walk_files(v1)
+    f2 = walk_files(v2)
+    res = Ideal()
+    mapped = {counterpart(r) for r in f2}
+    res.deleted = sum(1 for r in f1 if r not in mapped)
+    candidates: list[tuple[str, str | None]] = []
+    for rel, st in f2.items():
+        old_rel = counterpart(rel)
+        old = f1.get(old_rel)
+        if old is not None and (old.st_ino == st.st_ino or (old.st_size == st.st_size and _same(
+                os.path.join(v1, old_rel), os.path.join(v2, rel)))):
+            res.unchanged += 1
+            continue
+        candidates.append((rel, old_rel if old is not None else None))
+    sizes = {f2[r].st_size for r, _ in candidates}
+    v1_hashes = {file_hash(os.path.join(v1, r)) for r, st in f1.items() if st.st_size in sizes}
+    for rel, old_rel in candidates:
+        path = os.path.join(v2, rel)
+        size = f2[rel].st_size
+        if size in sizes and file_hash(path) in v1_hashes:
+            res.renamed += 1
+            continue
+        with open(path, "rb") as f:
+            new = f.read()
+        if size <= limit:
+            n = len(zc.compress(new))
+            res.small_files += 1
+            res.small_bytes += n
+            res.raw_changed += size
+        elif old_rel is not None:
+            with open(os.path.join(v1, old_rel), "rb") as f:
+                old = f.read()
+            p = _common_prefix(old, new)
+            s = _common_prefix(old[p:][::-1], new[p:][::-1])
+            part = new[p:len(new) - s]
+            n = len(zc.compress(part)) if part else 0
+            res.large_files += 1
+            res.large_bytes += n
+            res.raw_changed += len(part)
+        else:
+            n = len(zc.compress(new))
+            res.new_large += 1
+            res.small_bytes += n
+            res.raw_changed += size
+        res.bytes += n
+    return res
+
+
+def _same(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x = fa.read(1 << 20)
+            if x != fb.read(1 << 20):
+                return False
+            if not x:
+                return True
+
+
+# --------------------------------------------------------------------------- other tools
+
+
+@dataclass
+class RsyncBatch:
+    raw: int
+    zstd: int
+    seconds: float
+
+
+def rsync_batch(v1: str, v2: str, work: str) -> RsyncBatch:
+    """rsync's batch of the change v1 -> v2 (delta algorithm forced on, as over a
+    network), compressed with zstd -3. v1 is not modified (--only-write-batch)."""
+    os.makedirs(work, exist_ok=True)
+    batch = os.path.join(work, "rsync.batch")
+    for p in (batch, batch + ".sh", batch + ".zst"):
+        if os.path.exists(p):
+            os.unlink(p)
+    t0 = time.perf_counter()
+    subprocess.run(["rsync", "-a", "--delete", "--no-whole-file", f"--only-write-batch={batch}",
+                    v2.rstrip("/") + "/", v1.rstrip("/") + "/"], check=True, stdout=subprocess.DEVNULL)
+    secs = time.perf_counter() - t0
+    subprocess.run(["zstd", "-q", "-3", "-T1", "-f", batch, "-o", batch + ".zst"], check=True)
+    out = RsyncBatch(os.path.getsize(batch), os.path.getsize(batch + ".zst"), secs)
+    for p in (batch, batch + ".sh", batch + ".zst"):
+        if os.path.exists(p):
+            os.unlink(p)
+    return out
+
+
+@dataclass
+class ZstdBaseline:
+    raw: int
+    compressed: int
+    compress_s: float
+    decompress_s: float
+
+
+def zstd_baseline(tree: str, work: str) -> ZstdBaseline:
+    """Single-core zstd -3 over the raw bytes of a tree (as one tar stream, made
+    beforehand and not timed), and zstd -d of the result; both write a file."""
+    os.makedirs(work, exist_ok=True)
+    tar = os.path.join(work, "tree.tar")
+    subprocess.run(["tar", "-cf", tar, "-C", tree, "."], check=True)
+    raw = os.path.getsize(tar)
+    c = timed(["zstd", "-q", "-3", "-T1", "-f", tar, "-o", tar + ".zst"])
+    comp = os.path.getsize(tar + ".zst")
+    os.unlink(tar)
+    d = timed(["zstd", "-q", "-d", "-f", tar + ".zst", "-o", tar])
+    for p in (tar, tar + ".zst"):
+        os.unlink(p)
+    return ZstdBaseline(raw, comp, c, d)
+
+
+def cp_sync(tree: str, dest: str) -> float:
+    """`cp -a` of the tree followed by `sync`, wall seconds."""
+    shutil.rmtree(dest, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+    t = timed(f"cp -a '{tree}' '{dest}' && sync", shell=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    return t
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- what a pack holds
+
+
+@dataclass
+class Anatomy:
+    """Where a pack's bytes go. Raw sizes are record payloads before frame compression;
+    `stored` is what the frames take in the file (compressed), shared out by raw size."""
+
+    file_bytes: int = 0
+    header: int = 0
+    frames: int = 0
+    stored: dict[str, int] = field(default_factory=dict)
+    raw: dict[str, int] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+    delta_target: int = 0  # bytes the delta records rebuild
+
+
+def anatomy(paths: list[str]) -> Anatomy:
+    """Parse pack volumes (without verifying them) and sum their records by kind:
+    tree, recipe, blob sent whole, blob sent as a zstd patch against an old one."""
+    from harmonicd.core import pack as P
+    from harmonicd.core.objects import KIND_NAMES
+
+    a = Anatomy()
+    dctx = zstandard.ZstdDecompressor()
+    for path in paths:
+        a.file_bytes += os.path.getsize(path)
+        with open(path, "rb") as f:
+            pre = f.read(P.PREAMBLE.size)
+            _magic, _v, _flags, hlen = P.PREAMBLE.unpack(pre)
+            f.read(hlen)
+            a.header += P.PREAMBLE.size + hlen
+            while True:
+                typ, raw_len, stored_len = P.FRAME_HEAD.unpack(f.read(P.FRAME_HEAD.size))
+                body = f.read(stored_len)
+                if typ == P.F_END:
+                    break
+                a.frames += 1
+                raw = body if typ == P.F_STORED else dctx.decompress(body, max_output_size=raw_len)
+                share = (stored_len + P.FRAME_HEAD.size) / max(raw_len, 1)
+                pos = 0
+                while pos < len(raw):
+                    kind = raw[pos]
+                    if kind & P.DELTA_BIT:
+                        k, _oid, _bid, tlen, plen = P.REC_DELTA.unpack_from(raw, pos)
+                        name, n, hdr = f"{KIND_NAMES[k & ~P.DELTA_BIT]} (delta)", plen, P.REC_DELTA.size
+                        a.delta_target += tlen
+                    else:
+                        k, _oid, n = P.REC_PLAIN.unpack_from(raw, pos)
+                        name, hdr = KIND_NAMES[k], P.REC_PLAIN.size
+                    pos += hdr + n
+                    a.raw[name] = a.raw.get(name, 0) + hdr + n
+                    a.count[name] = a.count.get(name, 0) + 1
+                    a.stored[name] = a.stored.get(name, 0) + int((hdr + n) * share)
+    return a
+
+
+def anatomy_note(a: Anatomy) -> str:
+    parts = [f"{k}: {a.count[k]} records, {a.raw[k] / MiB:.2f} MiB raw -> ~{a.stored[k] / MiB:.2f} MiB"
+             for k in sorted(a.raw)]
+    return "pack content: " + "; ".join(parts) + (
+        f" (patches rebuild {a.delta_target / MiB:.2f} MiB)" if a.delta_target else "")

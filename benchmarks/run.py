@@ -1,0 +1,515 @@
+"""Harmonic benchmarks (not tests): pack size, throughput, publish time, peak memory, chunk sizes.
+
+    make bench                                   # the full suite (about 1 GiB / 100,000 files / 3 GiB)
+    .venv/bin/python benchmarks/run.py --quick   # a small smoke run, a minute or so
+    .venv/bin/python benchmarks/run.py --only pack,pypi --chunks 64
+
+Each benchmark prints a table with Harmonic's figure, the alternative's, the
+ratio and the goal, and everything is written to benchmarks/results/latest.md
+and latest.json (latest-quick.* for --quick). Generated data lives under
+benchmarks/work/ (git-ignored): input trees are kept between runs (they are
+rebuilt when their parameters change), servers' state folders are removed
+after each benchmark. All input is seeded: the same flags give the same bytes.
+See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gen
+import harness as h
+import pypi
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+DEFAULT_CHUNK = (16 * KiB, 64 * KiB, 256 * KiB)
+GEN_VERSION = 3  # bump when gen.py changes what it writes
+
+FULL = {"tree_mib": 1024, "files": 22_000, "small_files": 100_000, "big_mib": 3072}
+QUICK = {"tree_mib": 64, "files": 2_000, "small_files": 5_000, "big_mib": 256}
+
+ALL = ["pack", "pypi", "chunks", "republish", "rss"]
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+@dataclass
+class Row:
+    metric: str
+    harmonic: str
+    alt_name: str = ""
+    alternative: str = ""
+    ratio: float | None = None
+    goal: str = ""
+    met: bool | None = None
+
+
+@dataclass
+class Table:
+    title: str
+    note: str = ""
+    rows: list[Row] = field(default_factory=list)
+    columns: list[str] | None = None  # free-form tables (chunk sizes)
+    cells: list[list[str]] = field(default_factory=list)
+
+
+class Report:
+    def __init__(self) -> None:
+        self.tables: list[Table] = []
+        self.raw: dict[str, Any] = {}
+
+    def add(self, t: Table) -> None:
+        self.tables.append(t)
+        print(render_table(t, ascii_=True), flush=True)
+
+
+def mib(n: float) -> str:
+    return f"{n / MiB:,.2f} MiB"
+
+
+def secs(s: float) -> str:
+    return f"{s:.2f} s"
+
+
+def rate(n: float, s: float) -> str:
+    return f"{n / MiB / s:,.0f} MiB/s" if s > 0 else "-"
+
+
+def verdict(met: bool | None) -> str:
+    return "" if met is None else ("met" if met else "NOT met")
+
+
+def render_table(t: Table, ascii_: bool = False) -> str:
+    if t.columns:
+        head, body = t.columns, t.cells
+    else:
+        head = ["metric", "Harmonic", "alternative", "ratio", "goal", ""]
+        body = [[r.metric, r.harmonic, f"{r.alt_name}: {r.alternative}" if r.alt_name else r.alternative,
+                 f"{r.ratio:.2f}x" if r.ratio is not None else "", r.goal, verdict(r.met)] for r in t.rows]
+    if ascii_:
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+        line = "  ".join(f"{{:<{w}}}" for w in widths)
+        out = [f"\n== {t.title}", line.format(*head), line.format(*("-" * w for w in widths))]
+        out += [line.format(*row) for row in body]
+        if t.note:
+            out.append(f"   ({t.note})")
+        return "\n".join(out)
+    out = [f"### {t.title}", ""]
+    if t.note:
+        out += [t.note, ""]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    out += ["| " + " | ".join(str(x) for x in row) + " |" for row in body]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- inputs (cached by parameters)
+
+
+def _stamp_ok(path: str, params: dict[str, Any]) -> bool:
+    try:
+        with open(path) as f:
+            return json.load(f) == params
+    except (OSError, ValueError):
+        return False
+
+
+def _stamp(path: str, params: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(params, f)
+
+
+def school_inputs(work: str, seed: int, total: int, files: int) -> tuple[str, str, dict[str, int]]:
+    v1, v2 = os.path.join(work, "school-v1"), os.path.join(work, "school-v2")
+    stamp = os.path.join(work, "school.stamp")
+    params = {"v": GEN_VERSION, "seed": seed, "total": total, "files": files}
+    counts_path = os.path.join(work, "school.changes.json")
+    if not _stamp_ok(stamp, params):
+        print(f"generating the school tree ({total / MiB:.0f} MiB, ~{files} files) and its change set", flush=True)
+        t0 = time.perf_counter()
+        specs = gen.school_tree(v1, seed, total, files)
+        counts = gen.school_changes(v1, v2, specs, seed, scale=files / FULL["files"])
+        with open(counts_path, "w") as f:
+            json.dump(counts, f)
+        _stamp(stamp, params)
+        print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
+    with open(counts_path) as f:
+        counts = json.load(f)
+    return v1, v2, counts
+
+
+def pypi_inputs(work: str, quick: bool) -> tuple[str, str, dict[str, str]]:
+    pairs = pypi.QUICK if quick else pypi.PAIRS
+    tag = "pypi-quick" if quick else "pypi"
+    v1, v2 = os.path.join(work, f"{tag}-v1"), os.path.join(work, f"{tag}-v2")
+    stamp = os.path.join(work, f"{tag}.stamp")
+    params = {"pairs": pairs}
+    tops_path = os.path.join(work, f"{tag}.tops.json")
+    if not _stamp_ok(stamp, json.loads(json.dumps(params))):
+        print("preparing the PyPI pair (downloads are cached in benchmarks/work/pypi-cache)", flush=True)
+        tops = pypi.build(os.path.join(work, "pypi-cache"), v1, v2, pairs)
+        with open(tops_path, "w") as f:
+            json.dump(tops, f)
+        _stamp(stamp, params)
+    with open(tops_path) as f:
+        return v1, v2, json.load(f)
+
+
+def small_inputs(work: str, seed: int, files: int) -> str:
+    root = os.path.join(work, "small")
+    stamp = os.path.join(work, "small.stamp")
+    params = {"v": GEN_VERSION, "seed": seed, "files": files}
+    if not _stamp_ok(stamp, params):
+        print(f"generating {files} small files", flush=True)
+        gen.small_tree(root, seed, files)
+        _stamp(stamp, params)
+    return root
+
+
+def big_inputs(work: str, seed: int, total: int) -> str:
+    root = os.path.join(work, "big")
+    stamp = os.path.join(work, "big.stamp")
+    params = {"v": GEN_VERSION, "seed": seed, "total": total}
+    if not _stamp_ok(stamp, params):
+        print(f"generating the {total / GiB:.2f} GiB tree", flush=True)
+        gen.big_tree(root, seed, total)
+        _stamp(stamp, params)
+    return root
+
+
+# --------------------------------------------------------------------------- the sync flow
+
+
+def sync_flow(base: str, v1: str, v2: str | None, chunk: tuple[int, int, int] | None = None,
+              keep: bool = False) -> dict[str, Any]:
+    """Master publishes v1; the school gets it through a folder (school, master, school);
+    the master publishes v2; school, master: the master's pack for the change; school
+    imports it. Every harmonicctl call is timed separately (wall, CPU, peak RSS), and
+    the school's deployed tree is checked against v1 and then v2."""
+    m, s, stick = h.make_pair(base, chunk)
+    r: dict[str, Any] = {"chunk": list(chunk or DEFAULT_CHUNK)}
+
+    def step(key: str, *args: str, server: h.Server = m) -> h.Run:
+        # syncfs() inside Harmonic flushes the whole file system: write back
+        # everything that is dirty first, so no step pays for another's writes.
+        subprocess.run(["sync"], check=True)
+        run = server.ctl(*args)
+        r[key] = {"wall": run.wall, "cpu": run.cpu, "maxrss": run.maxrss}
+        return run
+
+    step("publish1", "publish", "content", v1)
+    r["objects_v1"], r["store_bytes_v1"] = m.object_count()
+    step("republish1", "publish", "content", v1)
+    step("request1", "exchange", stick, server=s)
+    out = step("export_full", "exchange", stick)
+    packs = h.packs_for(stick, s.name)
+    r["full_pack_bytes"] = sum(os.path.getsize(p) for p in packs)
+    r["full_pack_volumes"] = len(packs)
+    r["full_pack_objects"] = h.objects_in_output(out.stdout)
+    step("import_full", "exchange", stick, server=s)
+    r["full_ok"] = h.tree_digest(s.deployed) == h.tree_digest(v1)
+    if v2 is not None:
+        step("publish2", "publish", "content", v2)
+        step("request2", "exchange", stick, server=s)
+        out = step("export_change", "exchange", stick)
+        packs = h.packs_for(stick, s.name)
+        r["change_pack_bytes"] = sum(os.path.getsize(p) for p in packs)
+        r["change_pack_volumes"] = len(packs)
+        r["change_pack_objects"] = h.objects_in_output(out.stdout)
+        r["change_anatomy"] = asdict(h.anatomy(packs))
+        step("import_change", "exchange", stick, server=s)
+        r["change_ok"] = h.tree_digest(s.deployed) == h.tree_digest(v2)
+    if not keep:
+        shutil.rmtree(base, ignore_errors=True)
+    return r
+
+
+def check_ok(r: dict[str, Any], what: str) -> None:
+    for k in ("full_ok", "change_ok"):
+        if r.get(k) is False:
+            print(f"!! {what}: the school's deployed tree differs from the published one ({k})", flush=True)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def pack_size_rows(r: dict[str, Any], ideal: h.Ideal, rs: h.RsyncBatch) -> list[Row]:
+    pack = r["change_pack_bytes"]
+    return [
+        Row("pack for the change vs ideal delta", mib(pack), "ideal (zstd -3)", mib(ideal.bytes),
+            pack / ideal.bytes, "<= 1.10x", pack <= 1.10 * ideal.bytes),
+        Row("pack for the change vs rsync batch", mib(pack), "rsync batch + zstd -3", mib(rs.zstd),
+            pack / rs.zstd, "< 1.00x", pack < rs.zstd),
+        Row("objects in the pack", str(r["change_pack_objects"]), "rsync batch raw", mib(rs.raw)),
+        Row("master: export of the change", secs(r["export_change"]["wall"]), "school: import",
+            secs(r["import_change"]["wall"])),
+    ]
+
+
+def ideal_note(ideal: h.Ideal) -> str:
+    return (f"ideal: {ideal.small_files} new/changed files <= 1 MiB ({mib(ideal.small_bytes)} after zstd -3), "
+            f"{ideal.large_files} changed files > 1 MiB ({mib(ideal.large_bytes)} for their changed ranges), "
+            f"{ideal.renamed} renamed (free), {ideal.deleted} deleted, {ideal.unchanged} unchanged; "
+            f"raw changed bytes {mib(ideal.raw_changed)}")
+
+
+def bench_pack(a: argparse.Namespace, rep: Report) -> None:
+    v1, v2, counts = school_inputs(a.work, a.seed, a.tree_mib * MiB, a.files)
+    nfiles, nbytes = h.tree_bytes(v1)
+    print(f"\nschool tree: {nfiles} files, {mib(nbytes)}; change set: {counts}", flush=True)
+    cp = h.cp_sync(v1, os.path.join(a.work, "cp-target"))
+    r = sync_flow(os.path.join(a.work, "flow-school"), v1, v2, keep=a.keep)
+    check_ok(r, "school tree")
+    zb = h.zstd_baseline(v1, os.path.join(a.work, "zstd"))
+    ideal = h.ideal_delta(v1, v2)
+    rs = h.rsync_batch(v1, v2, os.path.join(a.work, "rsync"))
+    rep.raw["school"] = {"files": nfiles, "bytes": nbytes, "changes": counts, "flow": r, "cp_sync_s": cp,
+                         "zstd": asdict(zb), "ideal": asdict(ideal), "rsync": asdict(rs)}
+    rep.raw.setdefault("chunks", {}).setdefault("school", {})[fmt_chunk(DEFAULT_CHUNK)] = {
+        "flow": r, "ideal": ideal.bytes}
+    rep.add(Table(f"Pack size: generated change set ({nfiles} files, {mib(nbytes)})",
+                  note=ideal_note(ideal) + f". Change set: {counts}. "
+                  + h.anatomy_note(h.Anatomy(**r["change_anatomy"])),
+                  rows=pack_size_rows(r, ideal, rs)))
+    exp, imp = r["export_full"]["wall"], r["import_full"]["wall"]
+    zc, zd = zb.compress_s, zb.decompress_s
+    rep.add(Table(
+        f"Throughput: first sync of the whole tree ({mib(nbytes)}, full pack {mib(r['full_pack_bytes'])})",
+        note=("Harmonic: wall time of each `harmonicctl exchange` (master export, school import incl. deploy); "
+              f"zstd: one tar of the tree ({mib(zb.raw)}), zstd -3 -T1 to a file ({mib(zb.compressed)}), "
+              "zstd -d to a file; page cache warm"),
+        rows=[
+            Row("export (master writes the pack)", rate(nbytes, exp), "zstd -3 -T1", rate(zb.raw, zc),
+                (nbytes / exp) / (zb.raw / zc), ">= 0.50x", (nbytes / exp) >= 0.5 * (zb.raw / zc)),
+            Row("import (school reads, stores, deploys)", rate(nbytes, imp), "zstd -d", rate(zb.raw, zd),
+                (nbytes / imp) / (zb.raw / zd), ">= 0.50x", (nbytes / imp) >= 0.5 * (zb.raw / zd)),
+            Row("full pack size", mib(r["full_pack_bytes"]), "zstd -3 of the tar", mib(zb.compressed),
+                r["full_pack_bytes"] / zb.compressed),
+            Row("export / import wall time", f"{secs(exp)} / {secs(imp)}", "zstd -3 / -d", f"{secs(zc)} / {secs(zd)}"),
+            Row("export / import CPU time", f"{secs(r['export_full']['cpu'])} / {secs(r['import_full']['cpu'])}"),
+        ]))
+    p1, rp = r["publish1"]["wall"], r["republish1"]["wall"]
+    rep.add(Table(f"Publish: {nfiles} files, {mib(nbytes)}",
+                  note="page cache warm (the tree was just generated or read); cp -a to the same file system",
+                  rows=[
+                      Row("first publish", secs(p1), "cp -a + sync", secs(cp), p1 / cp, "<= 2.00x", p1 <= 2 * cp),
+                      Row("re-publish, nothing changed", secs(rp)),
+                      Row("publish of the change (v2)", secs(r["publish2"]["wall"])),
+                      Row("objects after the first publish", f"{r['objects_v1']} ({mib(r['store_bytes_v1'])})"),
+                  ]))
+
+
+def bench_pypi(a: argparse.Namespace, rep: Report) -> None:
+    v1, v2, tops = pypi_inputs(a.work, a.quick)
+    nfiles, nbytes = h.tree_bytes(v2)
+    r = sync_flow(os.path.join(a.work, "flow-pypi"), v1, v2, keep=a.keep)
+    check_ok(r, "PyPI pair")
+    ideal = h.ideal_delta(v1, v2, pypi.counterpart(tops))
+    rs = h.rsync_batch(v1, v2, os.path.join(a.work, "rsync"))
+    # The same change with the top folders keeping their v1 names: what the renames cost.
+    same = pypi.same_names(v2, tops, os.path.join(a.work, "pypi-v2-samenames"))
+    r_same = sync_flow(os.path.join(a.work, "flow-pypi-same"), v1, same, keep=a.keep)
+    check_ok(r_same, "PyPI pair without renames")
+    rs_same = h.rsync_batch(v1, same, os.path.join(a.work, "rsync"))
+    shutil.rmtree(same, ignore_errors=True)
+    pairs = pypi.QUICK if a.quick else pypi.PAIRS
+    rep.raw["pypi"] = {"files": nfiles, "bytes": nbytes, "pairs": pairs, "flow": r,
+                       "ideal": asdict(ideal), "rsync": asdict(rs), "same_names_flow": r_same,
+                       "same_names_rsync": asdict(rs_same)}
+    rep.raw.setdefault("chunks", {}).setdefault("pypi", {})[fmt_chunk(DEFAULT_CHUNK)] = {
+        "flow": r, "ideal": ideal.bytes}
+    rows = pack_size_rows(r, ideal, rs)
+    ps = r_same["change_pack_bytes"]
+    rows.append(Row("same change, top folders not renamed", mib(ps), "rsync batch + zstd -3", mib(rs_same.zstd),
+                    ps / rs_same.zstd, "", None))
+    rows.append(Row("same change, top folders not renamed, vs ideal", mib(ps), "ideal (zstd -3)", mib(ideal.bytes),
+                    ps / ideal.bytes))
+    rep.add(Table(f"Pack size: PyPI pair ({len(pairs)} sdists, version N -> N+1, {nfiles} files, "
+                  f"{mib(nbytes)})",
+                  note=ideal_note(ideal) + "; every file is renamed (its top folder carries the version), "
+                  "rsync sees only new files. " + h.anatomy_note(h.Anatomy(**r["change_anatomy"]))
+                  + ". Without the renames: " + h.anatomy_note(h.Anatomy(**r_same["change_anatomy"])),
+                  rows=rows))
+
+
+def fmt_chunk(c: tuple[int, int, int] | list[int]) -> str:
+    return "/".join(f"{x // KiB}K" for x in c)
+
+
+def bench_chunks(a: argparse.Namespace, rep: Report) -> None:
+    sets = [(avg * KiB // 4, avg * KiB, avg * KiB * 4) for avg in a.chunks]
+    data = rep.raw.setdefault("chunks", {})
+    inputs: list[tuple[str, str, str, h.Ideal]] = []
+    v1, v2, _ = school_inputs(a.work, a.seed, a.tree_mib * MiB, a.files)
+    inputs.append(("school", v1, v2, h.ideal_delta(v1, v2)))
+    if "pypi" not in a.skip:
+        p1, p2, tops = pypi_inputs(a.work, a.quick)
+        inputs.append(("pypi", p1, p2, h.ideal_delta(p1, p2, pypi.counterpart(tops))))
+    cells = []
+    for name, v1, v2, ideal in inputs:
+        for c in sets:
+            key = fmt_chunk(c)
+            got = data.setdefault(name, {}).get(key)
+            if got is None:
+                print(f"chunk sizes: {name} with min/avg/max {key}", flush=True)
+                r = sync_flow(os.path.join(a.work, f"flow-chunks-{name}"), v1, v2, c, keep=False)
+                check_ok(r, f"{name} {key}")
+                got = data[name][key] = {"flow": r, "ideal": ideal.bytes}
+            r = got["flow"]
+            cells.append([name, key + (" (current)" if tuple(c) == DEFAULT_CHUNK else ""),
+                          mib(r["change_pack_bytes"]), f"{r['change_pack_bytes'] / ideal.bytes:.3f}x",
+                          str(r["change_pack_objects"]), str(r["objects_v1"]), secs(r["publish1"]["wall"]),
+                          mib(r["full_pack_bytes"]), secs(r["export_full"]["wall"]),
+                          secs(r["import_full"]["wall"])])
+    rep.add(Table("Chunk sizes (FastCDC min/avg/max; min = avg/4, max = avg*4)",
+                  note="pack = the master's pack for the change; objects = objects in the store after "
+                       "publishing v1; publish = first publish of v1; full pack / export / import = first sync",
+                  columns=["data", "min/avg/max", "pack", "vs ideal", "pack objects", "objects v1",
+                           "publish v1", "full pack", "export", "import"],
+                  cells=cells))
+
+
+def bench_republish(a: argparse.Namespace, rep: Report) -> None:
+    root = small_inputs(a.work, a.seed, a.small_files)
+    nfiles, nbytes = h.tree_bytes(root)
+    base = os.path.join(a.work, "flow-small")
+    m, _s, _stick = h.make_pair(base)
+    subprocess.run(["sync"], check=True)
+    first = m.ctl("publish", "content", root)
+    again = []
+    for _ in range(3):
+        subprocess.run(["sync"], check=True)
+        again.append(m.ctl("publish", "content", root))
+    cp = h.cp_sync(root, os.path.join(a.work, "cp-target"))
+    walls = sorted(x.wall for x in again)
+    rep.raw["republish"] = {"files": nfiles, "bytes": nbytes, "first": first.wall, "again": [x.wall for x in again],
+                            "again_cpu": [x.cpu for x in again], "again_maxrss": [x.maxrss for x in again],
+                            "cp_sync_s": cp}
+    rep.add(Table(f"Publish: {nfiles} small files ({mib(nbytes)})",
+                  note="page cache warm; each figure is one `harmonicctl publish` process, start-up included",
+                  rows=[
+                      Row("re-publish, nothing changed (median of 3)", secs(walls[1]), "", "", None, "< 2 s",
+                          walls[1] < 2.0),
+                      Row("re-publish, slowest of 3", secs(walls[-1]), "", "", None, "< 2 s", walls[-1] < 2.0),
+                      Row("first publish", secs(first.wall), "cp -a + sync", secs(cp), first.wall / cp, "<= 2.00x",
+                          first.wall <= 2 * cp),
+                      Row("peak RSS of a re-publish", mib(max(x.maxrss for x in again))),
+                  ]))
+    if not a.keep:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def bench_rss(a: argparse.Namespace, rep: Report) -> None:
+    root = big_inputs(a.work, a.seed, a.big_mib * MiB)
+    nfiles, nbytes = h.tree_bytes(root)
+    r = sync_flow(os.path.join(a.work, "flow-big"), root, None, keep=a.keep)
+    check_ok(r, "big tree")
+    rep.raw["rss"] = {"files": nfiles, "bytes": nbytes, "flow": r}
+    limit = 150 * MiB
+    rows = [Row(f"peak RSS: {what}", mib(r[k]["maxrss"]), "", "", None, "< 150 MiB", r[k]["maxrss"] < limit)
+            for what, k in (("export (master exchange)", "export_full"), ("import (school exchange)", "import_full"))]
+    rows += [Row("peak RSS: publish", mib(r["publish1"]["maxrss"])),
+             Row("pack size / volumes", f"{mib(r['full_pack_bytes'])} / {r['full_pack_volumes']}"),
+             Row("publish / export / import wall", f"{secs(r['publish1']['wall'])} / {secs(r['export_full']['wall'])}"
+                 f" / {secs(r['import_full']['wall'])}", "throughput export / import",
+                 f"{rate(nbytes, r['export_full']['wall'])} / {rate(nbytes, r['import_full']['wall'])}")]
+    rep.add(Table(f"Peak memory: first sync of {nfiles} files, {mib(nbytes)}",
+                  note="max RSS of each harmonicctl child process (os.wait4)", rows=rows))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine() -> dict[str, Any]:
+    def tool(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            return "missing"
+
+    import harmonicd
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "harmonicd": harmonicd.__version__, "zstd": tool(["zstd", "--version"]),
+            "rsync": tool(["rsync", "--version"]),
+            "commit": tool(["git", "-C", h.REPO, "rev-parse", "--short", "HEAD"])}
+
+
+def write_results(a: argparse.Namespace, rep: Report, elapsed: float) -> None:
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    mach = machine()
+    cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    md = ["# Harmonic benchmark results", "",
+          f"Command: `{cmd.strip()}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
+          f"Machine: {mach['cpus']} CPUs, {mach['platform']}, Python {mach['python']}, {mach['zstd']}, "
+          f"{mach['rsync']}  ", f"harmonicd {mach['harmonicd']} at commit {mach['commit']}  ",
+          f"Total run time: {elapsed / 60:.1f} min", ""]
+    md += [render_table(t) for t in rep.tables]
+    with open(a.out + ".md", "w") as f:
+        f.write("\n".join(md))
+    with open(a.out + ".json", "w") as f:
+        json.dump({"command": cmd, "machine": mach, "elapsed_s": elapsed,
+                   "tables": [asdict(t) for t in rep.tables], "raw": rep.raw}, f, indent=1, default=str)
+    print(f"\nresults written to {a.out}.md and {a.out}.json ({elapsed / 60:.1f} min)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    p.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--tree-mib", type=int, help="size of the generated school tree (default 1024)")
+    p.add_argument("--files", type=int, help="files in the school tree (default ~22,000)")
+    p.add_argument("--small-files", type=int, help="files in the re-publish tree (default 100,000)")
+    p.add_argument("--big-mib", type=int, help="size of the peak-memory tree (default 3072)")
+    p.add_argument("--chunks", default="16,32,64,128", help="average chunk sizes to compare, in KiB")
+    p.add_argument("--work", default=os.path.join(h.HERE, "work"))
+    p.add_argument("--out", help="results file without extension (default benchmarks/results/latest)")
+    p.add_argument("--keep", action="store_true", help="keep the servers' state folders")
+    a = p.parse_args(argv)
+    sizes = QUICK if a.quick else FULL
+    for k, v in sizes.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.chunks = [int(x) for x in a.chunks.split(",") if x]
+    a.skip = {x for x in a.skip.split(",") if x}
+    only = [x for x in a.only.split(",") if x and x not in a.skip]
+    unknown = set(only) - set(ALL)
+    if unknown:
+        p.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    if a.out is None:
+        a.out = os.path.join(h.HERE, "results", "latest-quick" if a.quick else "latest")
+    a.work = os.path.abspath(a.work)
+    os.makedirs(a.work, exist_ok=True)
+    for tool in ("rsync", "zstd"):
+        if shutil.which(tool) is None:
+            p.error(f"{tool} is missing: run `sh scripts/deb-deps.sh rsync zstd` as root")
+    t0 = time.perf_counter()
+    rep = Report()
+    steps = {"pack": bench_pack, "pypi": bench_pypi, "chunks": bench_chunks, "republish": bench_republish,
+             "rss": bench_rss}
+    for name in ALL:
+        if name in only:
+            t = time.perf_counter()
+            print(f"\n--- {name}", flush=True)
+            steps[name](a, rep)
+            rep.raw.setdefault("timing", {})[name] = time.perf_counter() - t
+    write_results(a, rep, time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
