@@ -98,3 +98,22 @@ def test_mailbox_that_is_a_link(synced: Synced) -> None:
     assert "not a folder" in p.stderr
     assert_unchanged(s, before)
     assert not any(target.rglob("*.hpk")), "nothing is written through the link"
+
+
+@pytest.mark.timeout(120)
+def test_folder_with_too_many_entries(synced: Synced) -> None:
+    """A stick folder with more entries than any mailbox holds is read up to a cap,
+    and the exchange says so instead of scanning forever."""
+    from harmonicd.services.exchange import MAX_FOLDER_ENTRIES
+
+    s, stick = synced.school, synced.stick
+    box = inbox(s, stick)
+    for i in range(MAX_FOLDER_ENTRIES + 50):
+        (box / f"junk-{i:06d}.txt").touch()
+    before = snapshot(s)
+    p = exchange(s, stick, timeout=60)
+    assert p.returncode == 1, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if str(box) in ln]
+    assert len(lines) == 1, p.stderr
+    assert f"more than {MAX_FOLDER_ENTRIES} entries" in lines[0]
+    assert_unchanged(s, before)
