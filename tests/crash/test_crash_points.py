@@ -4,6 +4,8 @@ release, and the next plain exchange completes and deploys the new release."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,47 +80,66 @@ def test_master_publish_crash_point(world: World, point: str, tmp_path: Path) ->
     assert int(m.ctl("publish", "content", str(w.src)).stdout) == seq + 1
 
 
-def test_master_import_crash_points(world: World, tmp_path: Path) -> None:
-    """The master killed while taking a school's statistics: its archive is the old or
-    the new one, verify passes, and the same pack is taken at the next exchange."""
-    w = world
-    w.reset()
-    s, m = w.s, w.m
-    s.ctl("exchange", str(w.stick))
-    up = sorted((w.stick / "HARMONIC" / "to-master").glob("*.hpk"))
-    assert up
-    arch = m.deploy / "school-1" / "stats"
-    old = tree_digest(arch)
-    keep = tmp_path / "up"
-    keep.mkdir()
-    for p in up:
-        (keep / p.name).write_bytes(p.read_bytes())
-    import shutil
+class MasterWorld:
+    """The world above, one step on: the school's request and statistics (day2) wait
+    on the stick for the master. ``reset`` puts the master's state and the stick back."""
 
-    mstate = tmp_path / "master-state"
-    shutil.copytree(m.state, mstate, symlinks=True)
-    for point in ("batch-staged", "batch-committed", "db-committed", "deploy-tree-written",
-                  "deploy-switched", "pack-imported", "pack-part-written"):
-        shutil.rmtree(m.state)
-        shutil.copytree(mstate, m.state, symlinks=True)
-        for p in up:
-            p.write_bytes((keep / p.name).read_bytes())
-        r = m.ctl("exchange", str(w.stick), check=False, env={"HARMONICD_CRASH_AT": point})
-        assert r.returncode == -9, f"master exchange not killed at {point}: {r.returncode} {r.stderr}"
-        assert tree_digest(arch) in (old, "absent") or (arch / "day2.json").exists()
-        assert_stick_clean(w.stick)
+    def __init__(self, w: World, base: Path) -> None:
+        w.reset()
+        self.w = w
+        w.s.ctl("exchange", str(w.stick))
+        self.arch = w.m.deploy / "school-1" / "stats"
+        self.old = tree_digest(self.arch)
+        self.snap = base / "master-snap"
+        shutil.copytree(w.m.state, self.snap / "master", symlinks=True)
+        shutil.copytree(w.stick, self.snap / "stick", symlinks=True)
+        w.m.ctl("exchange", str(w.stick))  # a dry run tells what the new archive is
+        self.new = tree_digest(self.arch)
+        assert self.new != self.old
+        self.reset()
+
+    def reset(self) -> None:
+        for name, p in (("master", self.w.m.state), ("stick", self.w.stick)):
+            shutil.rmtree(p)
+            shutil.copytree(self.snap / name, p, symlinks=True)
+
+
+@pytest.fixture(scope="module")
+def master_world(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MasterWorld]:
+    mw = MasterWorld(world, tmp_path_factory.mktemp("master"))
+    yield mw
+    mw.reset()  # the master as the other tests of this module expect it
+    world.reset()
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_master_import_crash_point(master_world: MasterWorld, point: str) -> None:
+    """The master killed while taking a school's statistics: its archive is the old or
+    the new one, verify passes, and the next exchange takes the same pack or
+    answers it, with the archive complete."""
+    mw = master_world
+    m, stick = mw.w.m, mw.w.stick
+    hits = 0
+    for n in range(1, MAX_HITS + 1):
+        mw.reset()
+        r = m.ctl("exchange", str(stick), check=False, env={"HARMONICD_CRASH_AT": f"{point}:{n}"})
+        if r.returncode == 0:
+            break
+        assert r.returncode == -9, f"master exchange at {point}:{n} exited {r.returncode}: {r.stderr}"
+        hits += 1
+        assert tree_digest(mw.arch) in (mw.old, mw.new), f"{point}:{n}: the archive is a mix"
+        assert_stick_clean(stick)
         v = m.ctl("verify", check=False)
-        assert v.returncode == 0, f"verify after a crash at {point}: {v.stderr}"
+        assert v.returncode == 0, f"verify after a crash at {point}:{n}: {v.stderr}"
         assert not incoming_batches(m)
-        m.ctl("exchange", str(w.stick))
-        assert (arch / "day2.json").read_bytes() == b'{"day": 2}', point
-        assert (arch / "day1.json").read_bytes() == b'{"day": 1}', point
-        # A .part left by the crash is no pack; the master removes it when it next
-        # writes to that folder.
-        assert_stick_clean(w.stick)
+        m.ctl("exchange", str(stick))
+        assert tree_digest(mw.arch) == mw.new, f"{point}:{n}"
+        # A .part left by the crash is no pack; the master removes it when it
+        # next writes to that folder.
+        assert_stick_clean(stick)
         m.ctl("verify")
-    shutil.rmtree(m.state)
-    shutil.copytree(mstate, m.state, symlinks=True)
+    if hits == 0:
+        pytest.skip(f"{point} is not reached by the master's importing exchange")
 
 
 def test_crash_mid_volume_series(tmp_path: Path) -> None:
