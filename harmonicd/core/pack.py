@@ -57,6 +57,7 @@ SKIPPED = 0  # not an object kind: marks a delta passed over by records(skip_unr
 
 MAX_HEADER = 16 << 20
 MAX_TRAILER = 64 << 10
+MAX_HEADER_ITEMS = 100_000
 MAX_FRAME_RAW = MAX_OBJECT + 4096
 MAX_FRAME_STORED = MAX_FRAME_RAW + (64 << 10)
 FRAME_TARGET = 4 << 20  # raw bytes gathered before a frame is compressed
@@ -102,7 +103,9 @@ class Header:
 
     @classmethod
     def decode(cls, raw: bytes, where: str) -> Header:
-        d = unpack_msg(raw, max_items=1_000_000, what=f"{where}: header")
+        # A header holds a few maps and one entry per release: 100,000 containers
+        # is far beyond any real one and bounds what a hostile one can allocate.
+        d = unpack_msg(raw, max_items=MAX_HEADER_ITEMS, what=f"{where}: header")
         if not isinstance(d, dict) or d.get("v") != VERSION:
             raise CorruptPack(f"{where}: header has an unknown version")
 
