@@ -843,6 +843,10 @@ def exchange(store: Store, folder: str, progress: Callable[[int], None] | None =
         except Misaddressed:
             continue  # another server's pack in a shared folder: left alone
         except (PackError, TrustError) as exc:
+            if not os.path.lexists(p):
+                # Gone since the folder was listed (its writer replaced it with a
+                # newer pack, in a folder several servers use): nothing to refuse.
+                continue
             # One line naming the pack and why (a release or tree check deep
             # down does not know which file it came from).
             msg = str(exc)
