@@ -21,6 +21,7 @@ from tests.crash.helpers import (
     assert_recovers,
     coll,
     ctl_popen,
+    gen_tree,
     kill_after,
     need_root,
     pack_header,
@@ -29,9 +30,11 @@ from tests.crash.helpers import (
 )
 
 # Crash points (and random kills, None) to cut the power at; each is one sample.
+# "end": the exchange finishes, and the power goes right after (it removed the
+# pack from the stick, so what it applied must be on the disk by then).
 SAMPLES: list[str | None] = ["db-committed", "deploy-tree-written", "batch-committed", "deploy-switched",
                              "pack-imported", "batch-renaming", "batch-staged", "batch-committed:2",
-                             *[None] * 8]
+                             "pack-part-written", "end", "end", *[None] * 8]
 
 
 def _power_cut_or_skip(pc: PowerCut, tmp_path: Path) -> None:
@@ -62,7 +65,9 @@ def test_power_cut_during_import(tmp_path: Path, mounts: Mounts) -> None:
     for i, point in enumerate(SAMPLES):
         pc.start()
         w.reset_stick()
-        if point is not None:
+        if point == "end":
+            rc = w.s.ctl("exchange", str(w.stick), check=False).returncode
+        elif point is not None:
             rc = w.s.ctl("exchange", str(w.stick), check=False, env={"HARMONICD_CRASH_AT": point}).returncode
         else:
             rc = kill_after(ctl_popen(w.s, "exchange", str(w.stick)), rng.uniform(0.1, took))
@@ -70,6 +75,9 @@ def test_power_cut_during_import(tmp_path: Path, mounts: Mounts) -> None:
         if not pc.cut():
             outcomes.append(f"{point}: invalid sample ({pc.note[:200]})")
             continue
+        if point == "end" or not packs_in(w.stick, "to-school-1"):
+            # The pack is gone from the stick: what it brought must have survived.
+            assert tree_digest(w.s.deploy / "content") == w.new, f"{point}: the release was lost"
         which = assert_recovers(w.s, w.stick, w.old, w.new)
         outcomes.append(f"{point}: {which}")
         assert tree_digest(w.s.deploy / "content") == w.new
@@ -126,6 +134,17 @@ def test_power_cut_at_master_never_loses_what_it_acknowledged(tmp_path: Path, mo
             checked += 1
         if acked.get("stats"):
             assert tree_digest(m.deploy / "school-1" / "stats") == tree_digest(s.source("stats"))
+    # A publish that has printed its seq is on the disk.
+    src = tmp_path / "content"
+    for i in range(3):
+        pc.start()
+        before = coll(status(m), "content")["seq"]
+        gen_tree(src, seed=60 + i, files=120, big=2)
+        seq = int(m.ctl("publish", "content", str(src)).stdout)
+        assert pc.cut(), pc.note
+        st = coll(status(m), "content")
+        assert st["seq"] == seq == before + 1, "a publish that returned was lost in the power cut"
+        m.ctl("verify")
     pc.done()
     assert checked, "no sample left an acknowledgement on the stick"
 
