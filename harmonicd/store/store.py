@@ -18,7 +18,6 @@ that changes state runs first.
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 from collections.abc import Iterator
 from types import TracebackType
@@ -39,8 +38,6 @@ from harmonicd.core.objects import (
 from harmonicd.errors import StateError
 from harmonicd.store.db import StateDB, check_generation
 from harmonicd.store.objects import ObjectStore
-
-log = logging.getLogger("harmonicd.store")
 
 
 class Store:
@@ -64,21 +61,6 @@ class Store:
             check_generation(self.db)
         if lock and not create:
             self.objects.recover()
-            self._converge()
-
-    def _converge(self) -> None:
-        # A crash between the database commit and the deployment switch leaves
-        # the old tree deployed: bring it to what the database says is live
-        # before anyone looks (verify) or builds on it. Services import the
-        # store, so this import is late.
-        from harmonicd.errors import HarmonicError
-        from harmonicd.services.deploy import converge
-
-        try:
-            converge(self)
-        except HarmonicError as exc:
-            # Left for verify to report and the next exchange to retry.
-            log.warning("could not bring deployments up to date at start: %s", exc)
 
     # -- lifetime
     def close(self) -> None:
