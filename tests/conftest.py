@@ -13,7 +13,6 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,13 +83,13 @@ def master(tmp_path: Path) -> tuple[Server, str]:
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Server, Server, Path]]:
+def pair(tmp_path: Path) -> tuple[Server, Server, Path]:
     """A master and one enrolled school, and an empty folder standing for a stick."""
     m, key = make_master(tmp_path)
     s = make_school(tmp_path, m, key)
     stick = tmp_path / "stick"
     stick.mkdir()
-    yield m, s, stick
+    return m, s, stick
 
 
 def tree_digest(root: Path) -> str:
