@@ -3,6 +3,7 @@ delta of a change, rsync's batch, zstd baselines, tree digests."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,23 +38,32 @@ class Run:
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, check: bool = True, cwd: str | None = None) -> Run:
-    """Run cmd; wall time, CPU time and peak RSS of that one child (os.wait4)."""
+    """Run cmd; wall time, CPU time and peak RSS of that one process (measured by spawn.py)."""
     e = dict(os.environ)
     if env:
         e.update(env)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=e, cwd=cwd)
-        _pid, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(suffix=".json") as use:
+        p = subprocess.run([PY, "-S", os.path.join(HERE, "spawn.py"), use.name, *cmd], stdout=out, stderr=err,
+                           env=e, cwd=cwd, check=False)
         out.seek(0)
         err.seek(0)
-        r = Run(cmd, p.returncode, wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024,
+        try:
+            u = json.load(use)
+        except ValueError:
+            u = {"wall": 0.0, "cpu": 0.0, "maxrss": 0}
+        r = Run(cmd, p.returncode, u["wall"], u["cpu"], u["maxrss"],
                 out.read().decode(errors="replace"), err.read().decode(errors="replace"))
     if check and r.rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {r.rc}:\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def fmt_runs(step: dict[str, object]) -> str:
+    runs = step.get("runs")
+    if isinstance(runs, list) and len(runs) > 1:
+        return "/".join(f"{x:.2f}" for x in runs) + " s"
+    return f"{step['wall']:.2f} s"
 
 
 def timed(cmd: list[str] | str, shell: bool = False) -> float:
@@ -291,6 +301,8 @@ class ZstdBaseline:
     compressed: int
     compress_s: float
     decompress_s: float
+    compress_sync_s: float = 0.0  # the same followed by `sync`
+    decompress_sync_s: float = 0.0
 
 
 def zstd_baseline(tree: str, work: str) -> ZstdBaseline:
@@ -300,13 +312,21 @@ def zstd_baseline(tree: str, work: str) -> ZstdBaseline:
     tar = os.path.join(work, "tree.tar")
     subprocess.run(["tar", "-cf", tar, "-C", tree, "."], check=True)
     raw = os.path.getsize(tar)
+    subprocess.run(["sync"], check=True)
     c = timed(["zstd", "-q", "-3", "-T1", "-f", tar, "-o", tar + ".zst"])
+    os.unlink(tar + ".zst")
+    subprocess.run(["sync"], check=True)
+    cs = timed(f"zstd -q -3 -T1 -f '{tar}' -o '{tar}.zst' && sync", shell=True)
     comp = os.path.getsize(tar + ".zst")
     os.unlink(tar)
+    subprocess.run(["sync"], check=True)
     d = timed(["zstd", "-q", "-d", "-f", tar + ".zst", "-o", tar])
+    os.unlink(tar)
+    subprocess.run(["sync"], check=True)
+    ds = timed(f"zstd -q -d -f '{tar}.zst' -o '{tar}' && sync", shell=True)
     for p in (tar, tar + ".zst"):
         os.unlink(p)
-    return ZstdBaseline(raw, comp, c, d)
+    return ZstdBaseline(raw, comp, c, d, cs, ds)
 
 
 def cp_sync(tree: str, dest: str) -> float:
