@@ -148,6 +148,12 @@ def walk_files(root: str) -> dict[str, os.stat_result]:
     return out
 
 
+def deployed_inodes(root: str) -> dict[str, int]:
+    """Path -> inode of every file below root (links resolved at the top)."""
+    root = os.path.realpath(root)
+    return {rel: st.st_ino for rel, st in walk_files(root).items()}
+
+
 def tree_bytes(root: str) -> tuple[int, int]:
     files = walk_files(root)
     return len(files), sum(st.st_size for st in files.values())
@@ -159,6 +165,16 @@ def file_hash(path: str) -> bytes:
         while b := f.read(8 * MiB):
             h.update(b)
     return h.digest()
+
+
+_DIGESTS: dict[str, str] = {}
+
+
+def input_digest(root: str) -> str:
+    """tree_digest of an input tree, computed once per run (inputs do not change)."""
+    if root not in _DIGESTS:
+        _DIGESTS[root] = tree_digest(root)
+    return _DIGESTS[root]
 
 
 def tree_digest(root: str) -> str:

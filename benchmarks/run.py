@@ -79,6 +79,10 @@ def mib(n: float) -> str:
     return f"{n / MiB:,.2f} MiB"
 
 
+def size(n: float) -> str:
+    return mib(n) if n >= MiB else f"{n / KiB:,.1f} KiB"
+
+
 def secs(s: float) -> str:
     return f"{s:.2f} s"
 
@@ -194,7 +198,7 @@ def big_inputs(work: str, seed: int, total: int) -> str:
 
 
 def sync_flow(base: str, v1: str, v2: str | None, chunk: tuple[int, int, int] | None = None,
-              keep: bool = False, repeat: int = 1) -> dict[str, Any]:
+              keep: bool = False, repeat: int = 1, small_rounds: int = 0) -> dict[str, Any]:
     """Master publishes v1; the school gets it through a folder (school, master, school);
     the master publishes v2; school, master: the master's pack for the change; school
     imports it. Every harmonicctl call is timed separately (wall, CPU, peak RSS), and
@@ -202,7 +206,11 @@ def sync_flow(base: str, v1: str, v2: str | None, chunk: tuple[int, int, int] | 
 
     With repeat > 1 the first sync's export and import are run that many times (the
     request pack and the school's state before the import are put back each time) and
-    the fastest run is kept: other work on the machine slows single runs down."""
+    the fastest run is kept: other work on the machine slows single runs down.
+
+    small_rounds > 0: then as many more releases that each change one small file
+    (the everyday case): their import time, and how many of the deployed files were
+    hard-linked from the previous deployment rather than written again."""
     m, s, stick = h.make_pair(base, chunk)
     r: dict[str, Any] = {"chunk": list(chunk or DEFAULT_CHUNK)}
     to_master = os.path.join(stick, "HARMONIC", "to-master")
@@ -246,7 +254,7 @@ def sync_flow(base: str, v1: str, v2: str | None, chunk: tuple[int, int, int] | 
 
     best_of(r, "import_full", repeat, restore_school, lambda: step("import_full", "exchange", stick, server=s))
     shutil.rmtree(saved, ignore_errors=True)
-    r["full_ok"] = h.tree_digest(s.deployed) == h.tree_digest(v1)
+    r["full_ok"] = h.tree_digest(s.deployed) == h.input_digest(v1)
     if v2 is not None:
         step("publish2", "publish", "content", v2)
         step("request2", "exchange", stick, server=s)
@@ -257,10 +265,46 @@ def sync_flow(base: str, v1: str, v2: str | None, chunk: tuple[int, int, int] | 
         r["change_pack_objects"] = h.objects_in_output(out.stdout)
         r["change_anatomy"] = asdict(h.anatomy(packs))
         step("import_change", "exchange", stick, server=s)
-        r["change_ok"] = h.tree_digest(s.deployed) == h.tree_digest(v2)
+        r["change_ok"] = h.tree_digest(s.deployed) == h.input_digest(v2)
+        if small_rounds:
+            r["small_rounds"] = small_changes(m, s, stick, v2, os.path.join(base, "src-next"), small_rounds, step)
     if not keep:
         shutil.rmtree(base, ignore_errors=True)
     return r
+
+
+def small_changes(m: h.Server, s: h.Server, stick: str, v2: str, src: str, rounds: int,
+                  step: Any) -> list[dict[str, Any]]:
+    """Releases that each rewrite one small page of a copy of v2; per round: the pack,
+    the import time, and deployed files linked from the previous deployment or written."""
+    subprocess.run(["cp", "-al", v2, src], check=True)
+    pages = sorted(rel for rel in h.walk_files(src) if rel.endswith(".html"))
+    out = []
+    for i in range(rounds):
+        before = h.deployed_inodes(s.deployed)
+        rel = pages[(i * 7919) % len(pages)]
+        p = os.path.join(src, rel)
+        with open(p, "rb") as f:
+            data = f.read()
+        os.unlink(p)  # a new file: the old one is a hard link shared with v2
+        with open(p, "wb") as f:
+            f.write(data.replace(b"</main>", f"<p>Update {i + 1}.</p></main>".encode(), 1))
+        time.sleep(1.1)  # releases are not made within one timestamp tick of each other
+        step(f"publish_small{i}", "publish", "content", src)
+        step(f"request_small{i}", "exchange", stick, server=s)
+        step(f"export_small{i}", "exchange", stick)
+        packs = h.packs_for(stick, s.name)
+        size = sum(os.path.getsize(x) for x in packs)
+        run = step(f"import_small{i}", "exchange", stick, server=s)
+        after = h.deployed_inodes(s.deployed)
+        linked = sum(1 for k, ino in after.items() if before.get(k) == ino)
+        out.append({"pack_bytes": size, "import_s": run.wall, "import_cpu": run.cpu, "files": len(after),
+                    "linked": linked, "written": len(after) - linked})
+    ok = h.tree_digest(s.deployed) == h.tree_digest(src)
+    for o in out:
+        o["ok"] = ok
+    shutil.rmtree(src, ignore_errors=True)
+    return out
 
 
 def best_of(r: dict[str, Any], key: str, repeat: int, reset: Any, again: Any) -> None:
@@ -326,7 +370,8 @@ def bench_pack(a: argparse.Namespace, rep: Report) -> None:
     print(f"\nschool tree: {nfiles} files, {mib(nbytes)}; change set: {counts}", flush=True)
     cp = min(h.cp_sync(v1, os.path.join(a.work, "cp-target")) for _ in range(a.repeat))
     pub = publish_best(os.path.join(a.work, "flow-publish"), v1, a.repeat)
-    r = sync_flow(os.path.join(a.work, "flow-school"), v1, v2, keep=a.keep, repeat=a.repeat)
+    r = sync_flow(os.path.join(a.work, "flow-school"), v1, v2, keep=a.keep, repeat=a.repeat,
+                  small_rounds=a.small_rounds)
     check_ok(r, "school tree")
     zb = h.zstd_baseline(v1, os.path.join(a.work, "zstd"))
     ideal = h.ideal_delta(v1, v2)
@@ -343,6 +388,17 @@ def bench_pack(a: argparse.Namespace, rep: Report) -> None:
     exp, imp = r["export_full"]["wall"], r["import_full"]["wall"]
     zc, zd = zb.compress_s, zb.decompress_s
     runs = f"best of {a.repeat}: " if a.repeat > 1 else ""
+    if r.get("small_rounds"):
+        rows = []
+        for i, x in enumerate(r["small_rounds"]):
+            rows.append(Row(f"release {3 + i}: one page changed", f"import {secs(x['import_s'])}",
+                            "files hard-linked / written again", f"{x['linked']} / {x['written']}",
+                            None, "1 written", x["written"] <= 1))
+        rep.add(Table(f"Everyday releases: one small page changed in the {nfiles}-file tree",
+                      note="after the v1 and v2 syncs; 1.1 s between releases; pack sizes "
+                      + ", ".join(size(x["pack_bytes"]) for x in r["small_rounds"])
+                      + "; a deployment should hard-link every unchanged file from the previous one",
+                      rows=rows))
     rep.add(Table(
         f"Throughput: first sync of the whole tree ({mib(nbytes)}, full pack {mib(r['full_pack_bytes'])})",
         note=(f"Harmonic: wall time ({runs}export {h.fmt_runs(r['export_full'])}, import "
@@ -397,8 +453,9 @@ def bench_pypi(a: argparse.Namespace, rep: Report) -> None:
     rep.raw["pypi"] = {"files": nfiles, "bytes": nbytes, "pairs": pairs, "flow": r,
                        "ideal": asdict(ideal), "rsync": asdict(rs), "same_names_flow": r_same,
                        "same_names_rsync": asdict(rs_same)}
-    rep.raw.setdefault("chunks", {}).setdefault("pypi", {})[fmt_chunk(DEFAULT_CHUNK)] = {
-        "flow": r, "ideal": ideal.bytes}
+    chunks = rep.raw.setdefault("chunks", {})
+    chunks.setdefault("pypi", {})[fmt_chunk(DEFAULT_CHUNK)] = {"flow": r, "ideal": ideal.bytes}
+    chunks.setdefault("pypi, no renames", {})[fmt_chunk(DEFAULT_CHUNK)] = {"flow": r_same, "ideal": ideal.bytes}
     rows = pack_size_rows(r, ideal, rs)
     ps = r_same["change_pack_bytes"]
     rows.append(Row("same change, top folders not renamed", mib(ps), "rsync batch + zstd -3", mib(rs_same.zstd),
@@ -423,9 +480,15 @@ def bench_chunks(a: argparse.Namespace, rep: Report) -> None:
     inputs: list[tuple[str, str, str, h.Ideal]] = []
     v1, v2, _ = school_inputs(a.work, a.seed, a.tree_mib * MiB, a.files)
     inputs.append(("school", v1, v2, h.ideal_delta(v1, v2)))
+    same = None
     if "pypi" not in a.skip:
         p1, p2, tops = pypi_inputs(a.work, a.quick)
-        inputs.append(("pypi", p1, p2, h.ideal_delta(p1, p2, pypi.counterpart(tops))))
+        ideal = h.ideal_delta(p1, p2, pypi.counterpart(tops))
+        inputs.append(("pypi", p1, p2, ideal))
+        # The same pair with the top folders keeping their names: old versions are found
+        # at the same paths, so unchanged bytes go as zstd patches whatever the chunking.
+        same = pypi.same_names(p2, tops, os.path.join(a.work, "pypi-v2-samenames"))
+        inputs.append(("pypi, no renames", p1, same, ideal))
     cells = []
     for name, v1, v2, ideal in inputs:
         for c in sets:
@@ -442,9 +505,13 @@ def bench_chunks(a: argparse.Namespace, rep: Report) -> None:
                           str(r["change_pack_objects"]), str(r["objects_v1"]), secs(r["publish1"]["wall"]),
                           mib(r["full_pack_bytes"]), secs(r["export_full"]["wall"]),
                           secs(r["import_full"]["wall"])])
+    if same is not None:
+        shutil.rmtree(same, ignore_errors=True)
     rep.add(Table("Chunk sizes (FastCDC min/avg/max; min = avg/4, max = avg*4)",
                   note="pack = the master's pack for the change; objects = objects in the store after "
-                       "publishing v1; publish = first publish of v1; full pack / export / import = first sync",
+                       "publishing v1; publish = first publish of v1; full pack / export / import = first sync "
+                       "(single runs: timings are noisy). 'pypi, no renames': v2's top folders keep their v1 "
+                       "names (ratio against the same ideal)",
                   columns=["data", "min/avg/max", "pack", "vs ideal", "pack objects", "objects v1",
                            "publish v1", "full pack", "export", "import"],
                   cells=cells))
@@ -549,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=os.path.join(h.HERE, "work"))
     p.add_argument("--out", help="results file without extension (default benchmarks/results/latest)")
     p.add_argument("--keep", action="store_true", help="keep the servers' state folders")
+    p.add_argument("--small-rounds", type=int, default=3,
+                   help="releases changing one page after the generated change set (default 3)")
     p.add_argument("--repeat", type=int, default=2,
                    help="runs of the first sync's export and import (the fastest counts; default 2)")
     a = p.parse_args(argv)
