@@ -139,8 +139,13 @@ def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | N
         need[0] = sum(e.size for e, _t in jobs)
     if not jobs:
         return
+    def write_group(group: list[tuple[Entry, str]]) -> None:
+        for e, target in group:
+            write_file(store, e, target)
+
+    groups = [jobs[i:i + 64] for i in range(0, len(jobs), 64)]
     with ThreadPoolExecutor(WRITERS, thread_name_prefix="deploy") as pool:
-        for fut in [pool.submit(write_file, store, e, target) for e, target in jobs]:
+        for fut in [pool.submit(write_group, g) for g in groups]:
             fut.result()
 
 

@@ -100,6 +100,8 @@ class ObjectStore:
 
 WRITERS = 3  # threads writing object files: os.write releases the GIL, and page-cache copies scale
 MAX_INFLIGHT = 32 << 20  # bytes handed to writer threads and not yet written
+GROUP_BYTES = 1 << 20  # objects are handed to the writers in groups of about this much
+GROUP_COUNT = 256
 
 
 class Batch:
@@ -120,6 +122,9 @@ class Batch:
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: deque[tuple[Future[None], int]] = deque()
         self._inflight_bytes = 0
+        # One future per object costs more than writing a small file: group them.
+        self._group: list[tuple[int, ObjectId, bytes]] = []
+        self._group_bytes = 0
 
     def has(self, oid: ObjectId) -> bool:
         return oid in self.pending or self.store.has(oid)
@@ -135,7 +140,7 @@ class Batch:
         p = self.staged_path(oid)
         if p is None:
             return self.store.get(oid)
-        self._drain(0)
+        self._flush()
         with open(p, "rb") as f:
             raw = f.read()
         return raw[0], raw[1:]
@@ -148,12 +153,31 @@ class Batch:
         self.pending[oid] = len(data)
         self.kinds[oid] = kind
         self.bytes += len(data)
+        self._group.append((kind, oid, data))
+        self._group_bytes += len(data)
+        if self._group_bytes >= GROUP_BYTES or len(self._group) >= GROUP_COUNT:
+            self._submit()
+        return True
+
+    def _submit(self) -> None:
+        if not self._group:
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="objwrite")
-        self._inflight.append((self._pool.submit(self._write, kind, oid, data), len(data)))
-        self._inflight_bytes += len(data)
+        group, n = self._group, self._group_bytes
+        self._group, self._group_bytes = [], 0
+        self._inflight.append((self._pool.submit(self._write_group, group), n))
+        self._inflight_bytes += n
         self._drain(MAX_INFLIGHT)
-        return True
+
+    def _flush(self) -> None:
+        """Every staged object written (errors re-raised)."""
+        self._submit()
+        self._drain(0)
+
+    def _write_group(self, group: list[tuple[int, ObjectId, bytes]]) -> None:
+        for kind, oid, data in group:
+            self._write(kind, oid, data)
 
     def _write(self, kind: int, oid: ObjectId, data: bytes) -> None:
         fd = os.open(os.path.join(self.dir, oid.hex()), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -178,7 +202,7 @@ class Batch:
         """Make every staged object durable under its final name."""
         if self.closed:
             return
-        self._drain(0)
+        self._flush()
         if self.pending:
             crash_point("batch-staged")
             durable.syncfs(self.dir)
@@ -205,6 +229,7 @@ class Batch:
             self._pool = None
             self._inflight.clear()
             self._inflight_bytes = 0
+        self._group, self._group_bytes = [], 0
         shutil.rmtree(self.dir, ignore_errors=True)
         self.closed = True
 
