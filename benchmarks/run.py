@@ -584,21 +584,42 @@ def machine() -> dict[str, Any]:
             "commit": tool(["git", "-C", h.REPO, "rev-parse", "--short", "HEAD"])}
 
 
-def write_results(a: argparse.Namespace, rep: Report, elapsed: float) -> None:
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    mach = machine()
-    cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+def summary(tables: list[Table]) -> Table:
+    """Every row that has a goal, in one table."""
+    t = Table("Summary: the goals")
+    for tab in tables:
+        for r in tab.rows:
+            if r.goal:
+                t.rows.append(Row(f"{tab.title.split(' (')[0]} — {r.metric}", r.harmonic, r.alt_name, r.alternative,
+                                  r.ratio, r.goal, r.met))
+    return t
+
+
+def render_md(data: dict[str, Any]) -> str:
+    mach = data["machine"]
+    tables = [Table(**{**t, "rows": [Row(**r) for r in t["rows"]]}) for t in data["tables"]]
     md = ["# Harmonic benchmark results", "",
-          f"Command: `{cmd.strip()}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
+          f"Command: `{data['command'].strip()}`  ", f"Date: {data.get('date', '?')}  ",
           f"Machine: {mach['cpus']} CPUs, {mach['platform']}, Python {mach['python']}, {mach['zstd']}, "
           f"{mach['rsync']}  ", f"harmonicd {mach['harmonicd']} at commit {mach['commit']}  ",
-          f"Total run time: {elapsed / 60:.1f} min", ""]
-    md += [render_table(t) for t in rep.tables]
-    with open(a.out + ".md", "w") as f:
-        f.write("\n".join(md))
+          f"Total run time: {data['elapsed_s'] / 60:.1f} min", "",
+          "Method and caveats: docs/benchmarks.md. Timings are wall-clock seconds of whole `harmonicctl` "
+          "processes on a shared 2-core VM; sizes are exact and reproducible.", ""]
+    md.append(render_table(summary(tables)))
+    md += [render_table(t) for t in tables]
+    return "\n".join(md)
+
+
+def write_results(a: argparse.Namespace, rep: Report, elapsed: float) -> None:
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    data = {"command": "python benchmarks/run.py " + " ".join(sys.argv[1:]), "machine": machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "elapsed_s": elapsed,
+            "tables": [asdict(t) for t in rep.tables], "raw": rep.raw}
     with open(a.out + ".json", "w") as f:
-        json.dump({"command": cmd, "machine": mach, "elapsed_s": elapsed,
-                   "tables": [asdict(t) for t in rep.tables], "raw": rep.raw}, f, indent=1, default=str)
+        json.dump(data, f, indent=1, default=str)
+    with open(a.out + ".md", "w") as f:
+        f.write(render_md(json.loads(json.dumps(data, default=str))))
+    print(render_table(summary(rep.tables), ascii_=True))
     print(f"\nresults written to {a.out}.md and {a.out}.json ({elapsed / 60:.1f} min)")
 
 
@@ -616,11 +637,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=os.path.join(h.HERE, "work"))
     p.add_argument("--out", help="results file without extension (default benchmarks/results/latest)")
     p.add_argument("--keep", action="store_true", help="keep the servers' state folders")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
     p.add_argument("--small-rounds", type=int, default=3,
                    help="releases changing one page after the generated change set (default 3)")
     p.add_argument("--repeat", type=int, default=2,
                    help="runs of the first sync's export and import (the fastest counts; default 2)")
     a = p.parse_args(argv)
+    if a.render:
+        with open(a.render) as f:
+            data = json.load(f)
+        md = os.path.splitext(a.render)[0] + ".md"
+        with open(md, "w") as f:
+            f.write(render_md(data))
+        print(f"wrote {md}")
+        return 0
     sizes = QUICK if a.quick else FULL
     for k, v in sizes.items():
         if getattr(a, k) is None:
@@ -632,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     if a.out is None:
-        a.out = os.path.join(h.HERE, "results", "latest-quick" if a.quick else "latest")
+        # Quick runs are smoke tests: their results stay out of git.
+        a.out = os.path.join(a.work, "results-quick") if a.quick else os.path.join(h.HERE, "results", "latest")
     a.work = os.path.abspath(a.work)
     os.makedirs(a.work, exist_ok=True)
     for tool in ("rsync", "zstd"):
