@@ -21,6 +21,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PY = sys.executable
 MiB = 1 << 20
+# The harmonicd code every harmonicctl child runs (None: the editable install).
+CODE: dict[str, object] = {"path": None}
+
+
+def snapshot_code(dest: str) -> dict[str, object]:
+    """Copy the working tree's harmonicd/ (uncommitted changes included) to dest and use
+    it for this process and every harmonicctl child: the code cannot change mid-run."""
+    import hctl
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    info: dict[str, object] = {"commit": git("rev-parse", "--short", "HEAD"),
+                               "dirty": bool(git("status", "--porcelain", "--", "harmonicd")), "path": dest}
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(os.path.join(REPO, "harmonicd"), os.path.join(dest, "harmonicd"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    hctl.use_code(dest)
+    CODE.update(info)
+    return info
 
 
 # --------------------------------------------------------------------------- running commands
@@ -80,12 +101,15 @@ class Server:
     chunk: tuple[int, int, int] | None = None
 
     def ctl(self, *args: str) -> Run:
-        if self.chunk is None:
-            cmd = [PY, "-m", "harmonicd", "--config", self.config, *args]
-            env = None
-        else:
+        env = {}
+        if CODE["path"] is not None:
+            env["HBENCH_CODE"] = str(CODE["path"])
+        if self.chunk is not None:
+            env["HBENCH_CHUNK"] = ",".join(str(x) for x in self.chunk)
+        if env:
             cmd = [PY, os.path.join(HERE, "hctl.py"), "--config", self.config, *args]
-            env = {"HBENCH_CHUNK": ",".join(str(x) for x in self.chunk)}
+        else:
+            cmd = [PY, "-m", "harmonicd", "--config", self.config, *args]
         return run(cmd, env=env)
 
     @property

@@ -578,10 +578,13 @@ def machine() -> dict[str, Any]:
 
     import harmonicd
 
+    commit = str(h.CODE["commit"]) if h.CODE["path"] else tool(["git", "-C", h.REPO, "rev-parse", "--short", "HEAD"])
+    if h.CODE.get("dirty"):
+        commit += " + uncommitted changes"
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "harmonicd": harmonicd.__version__, "zstd": tool(["zstd", "--version"]),
-            "rsync": tool(["rsync", "--version"]),
-            "commit": tool(["git", "-C", h.REPO, "rev-parse", "--short", "HEAD"])}
+            "rsync": tool(["rsync", "--version"]), "commit": commit,
+            "code": "snapshot taken at the start" if h.CODE["path"] else "working tree (may change mid-run)"}
 
 
 def summary(tables: list[Table]) -> Table:
@@ -601,7 +604,8 @@ def render_md(data: dict[str, Any]) -> str:
     md = ["# Harmonic benchmark results", "",
           f"Command: `{data['command'].strip()}`  ", f"Date: {data.get('date', '?')}  ",
           f"Machine: {mach['cpus']} CPUs, {mach['platform']}, Python {mach['python']}, {mach['zstd']}, "
-          f"{mach['rsync']}  ", f"harmonicd {mach['harmonicd']} at commit {mach['commit']}  ",
+          f"{mach['rsync']}  ", f"harmonicd {mach['harmonicd']} at commit {mach['commit']} "
+          f"({mach.get('code', 'working tree')})  ",
           f"Total run time: {data['elapsed_s'] / 60:.1f} min", "",
           "Method and caveats: docs/benchmarks.md. Timings are wall-clock seconds of whole `harmonicctl` "
           "processes on a shared 2-core VM; sizes are exact and reproducible.", ""]
@@ -638,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="results file without extension (default benchmarks/results/latest)")
     p.add_argument("--keep", action="store_true", help="keep the servers' state folders")
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
+    p.add_argument("--no-snapshot", action="store_true",
+                   help="run the working tree's harmonicd as it is at each step (default: a copy taken at the start)")
     p.add_argument("--small-rounds", type=int, default=3,
                    help="releases changing one page after the generated change set (default 3)")
     p.add_argument("--repeat", type=int, default=2,
@@ -669,6 +675,10 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("rsync", "zstd"):
         if shutil.which(tool) is None:
             p.error(f"{tool} is missing: run `sh scripts/deb-deps.sh rsync zstd` as root")
+    if not a.no_snapshot:
+        info = h.snapshot_code(os.path.join(a.work, "code"))
+        print(f"harmonicd: snapshot of commit {info['commit']}{' + uncommitted changes' if info['dirty'] else ''}"
+              f" in {info['path']}", flush=True)
     t0 = time.perf_counter()
     rep = Report()
     steps = {"pack": bench_pack, "pypi": bench_pypi, "chunks": bench_chunks, "republish": bench_republish,
