@@ -15,6 +15,7 @@ and sends more: never less than needed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +39,7 @@ class Want:
 
 
 _RANK = {TREE: 0, RECIPE: 1, BLOB: 2}
+_DIGITS = re.compile(r"\d+")
 
 
 class _Planner:
@@ -70,8 +72,9 @@ class _Planner:
                 old_entries = {e.name: e for e in self.src.tree(old, path)}
             except Exception:
                 old_entries = {}
+        renamed = _renamed(entries, old_entries)
         for e in entries:
-            o = old_entries.get(e.name)
+            o = old_entries.get(e.name) or renamed.get(e.name)
             child = f"{path}/{e.name}" if path else e.name
             if e.type == T_DIR:
                 self.tree(e.id, o.id if o is not None and o.type == T_DIR else None, child)
@@ -124,6 +127,35 @@ class _Planner:
                     base = self._base(old[j][0])
                 self.planned[cid] = Want(BLOB, cid, n, e.size, base)
             pos += n
+
+
+def _stem(name: str) -> str:
+    """A name with its numbers blanked: Django-5.0.6 and Django-5.0.7 share one."""
+    return _DIGITS.sub("#", name)
+
+
+def _renamed(new: list[Entry], old: dict[str, Entry]) -> dict[str, Entry]:
+    """Pair new names with vanished old names of the same stem and type (a software
+    release renames its folder with each version): their old contents are the best
+    delta bases. Only unambiguous pairs count."""
+    gone = {n: e for n, e in old.items()} if old else {}
+    for e in new:
+        gone.pop(e.name, None)
+    if not gone:
+        return {}
+    by_stem: dict[tuple[str, bool], list[Entry]] = {}
+    for e in gone.values():
+        by_stem.setdefault((_stem(e.name), e.type == T_DIR), []).append(e)
+    fresh: dict[tuple[str, bool], list[Entry]] = {}
+    for e in new:
+        if e.name not in old:
+            fresh.setdefault((_stem(e.name), e.type == T_DIR), []).append(e)
+    out = {}
+    for key, cands in by_stem.items():
+        news = fresh.get(key, [])
+        if len(cands) == 1 and len(news) == 1:
+            out[news[0].name] = cands[0]
+    return out
 
 
 def plan(src: TreeSource, roots: Iterable[tuple[ObjectId, ObjectId | None]],

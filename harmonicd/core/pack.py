@@ -184,7 +184,9 @@ class PackWriter:
         self._out = out
         self._key = key
         self._hash = blake3.blake3()
-        self._buf = bytearray()
+        # Records of the frame being filled, joined once when it is flushed.
+        self._parts: list[bytes | bytearray | memoryview] = []
+        self._buf_len = 0
         self._pending: deque[Future[tuple[int, int, bytes]]] = deque()
         self._pool = pool
         self._depth = depth
@@ -202,7 +204,7 @@ class PackWriter:
     # `extra` more raw bytes: used to split volumes without ever overshooting.
     def worst_case_size(self, extra: int = 0) -> int:
         inflight = len(self._pending) * (MAX_FRAME_STORED + FRAME_HEAD.size)
-        buffered = len(self._buf) + extra
+        buffered = self._buf_len + extra
         frame_overhead = FRAME_HEAD.size + 64 + buffered // 1000  # zstd's bound for incompressible data
         return self.written + inflight + buffered + frame_overhead + FRAME_HEAD.size + MAX_TRAILER_EST + FOOTER_LEN
 
@@ -215,29 +217,29 @@ class PackWriter:
         # Close the frame before a record that would take it past the target,
         # so a frame is never larger than one record plus FRAME_TARGET, and a
         # record of up to MAX_OBJECT bytes always fits in MAX_FRAME_RAW.
-        if self._buf and len(self._buf) + n > FRAME_TARGET:
+        if self._buf_len and self._buf_len + n > FRAME_TARGET:
             self.flush_frame()
 
     def add(self, kind: int, oid: ObjectId, data: bytes | bytearray | memoryview) -> None:
         if len(data) > MAX_OBJECT:
             raise ValueError(f"object {short(oid)} is {len(data)} bytes, over the format's {MAX_OBJECT}")
         self._room(REC_PLAIN.size + len(data))
-        self._buf += REC_PLAIN.pack(kind, oid, len(data))
-        self._buf += data
+        self._parts += (REC_PLAIN.pack(kind, oid, len(data)), data)
+        self._buf_len += REC_PLAIN.size + len(data)
         self._added(len(data))
 
     def add_delta(self, kind: int, oid: ObjectId, base: ObjectId, target_len: int, patch: bytes) -> None:
         if len(patch) > MAX_OBJECT or target_len > MAX_OBJECT:
             raise ValueError(f"delta for {short(oid)} is over the format's {MAX_OBJECT} bytes")
         self._room(REC_DELTA.size + len(patch))
-        self._buf += REC_DELTA.pack(kind | DELTA_BIT, oid, base, target_len, len(patch))
-        self._buf += patch
+        self._parts += (REC_DELTA.pack(kind | DELTA_BIT, oid, base, target_len, len(patch)), patch)
+        self._buf_len += REC_DELTA.size + len(patch)
         self._added(target_len)
 
     def _added(self, n: int) -> None:
         self.objects += 1
         self.raw_bytes += n
-        if len(self._buf) >= FRAME_TARGET:
+        if self._buf_len >= FRAME_TARGET:
             self.flush_frame()
 
     def _compress(self, raw: bytes) -> tuple[int, int, bytes]:
@@ -256,10 +258,11 @@ class PackWriter:
         return F_ZSTD, len(raw), comp
 
     def flush_frame(self) -> None:
-        if not self._buf:
+        if not self._parts:
             return
-        raw = bytes(self._buf)
-        self._buf.clear()
+        raw = b"".join(self._parts)
+        self._parts = []
+        self._buf_len = 0
         if self._pool is None:
             fut: Future[tuple[int, int, bytes]] = Future()
             fut.set_result(self._compress(raw))

@@ -43,6 +43,9 @@ from harmonicd.store.store import Store
 log = logging.getLogger("harmonicd.deploy")
 
 
+STAMP = ".stamp"
+
+
 def trees_dir(store: Store, name: str) -> str:
     return os.path.join(store.cfg.deploy_dir, ".trees", name)
 
@@ -74,8 +77,11 @@ def is_deployed(store: Store, coll: Collection) -> bool:
     return cur is not None and os.path.basename(cur).endswith("-" + coll.deployed.hex())
 
 
-def deploy(store: Store, coll: Collection) -> None:
-    """Switch coll.path to the tree coll.deployed (no-op if already there)."""
+def deploy(store: Store, coll: Collection, fresh: set[ObjectId] | frozenset[ObjectId] = frozenset()) -> None:
+    """Switch coll.path to the tree coll.deployed (no-op if already there).
+
+    ``fresh``: objects this process verified moments ago (a pack just imported);
+    they are copied without hashing them a second time."""
     if coll.deployed is None or coll.path is None or is_deployed(store, coll):
         return
     root = coll.deployed
@@ -92,7 +98,7 @@ def deploy(store: Store, coll: Collection) -> None:
     need = [0]  # bytes of file content the new tree needs (for a disk-full message)
     try:
         os.mkdir(tmp, 0o755)
-        _write_tree(store, root, tmp, prev_root, prev_dir, need)
+        _write_tree(store, root, tmp, prev_root, prev_dir, need, fresh)
         os.rename(tmp, final)
         # Everything in the new tree reaches the disk before the link can point at it.
         durable.syncfs(final)
@@ -109,8 +115,17 @@ def deploy(store: Store, coll: Collection) -> None:
         raise durable.disk_error(exc, f"deploying {coll.name}", need[0], base) from exc
     for other in os.listdir(base):
         p = os.path.join(base, other)
-        if p != final:
+        if p != final and other != STAMP:
             shutil.rmtree(p, ignore_errors=True)
+    # Written last: every link-count change of this deployment (links made,
+    # old folders removed) bumped inode ctimes before this moment, so a
+    # deployed file with a later ctime was changed by someone else.
+    stamp = os.path.join(base, STAMP)
+    fd = os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, f"{coll.seq} {root.hex()}\n".encode())
+    finally:
+        os.close(fd)
     log.info("deployed %s release %d at %s", coll.name, coll.seq, coll.path)
 
 
@@ -126,14 +141,20 @@ def _root_of(store: Store, coll: Collection, folder: str | None) -> ObjectId | N
 
 
 def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | None,
-                prev_dir: str | None, need: list[int] | None = None) -> None:
+                prev_dir: str | None, need: list[int] | None = None,
+                fresh: set[ObjectId] | frozenset[ObjectId] = frozenset()) -> None:
     """Write the tree at root into dest: folders and hard links here, file contents
     on a few threads (os.write releases the GIL; page-cache copies scale)."""
     jobs: list[tuple[Entry, str]] = []
     # A file changed in place after it was deployed has a newer ctime than the
-    # moment its tree folder was renamed into place (the last step of building
-    # it): such a file is written again from the store, not linked.
-    ref_ctime = os.stat(prev_dir).st_ctime_ns if prev_dir else 0
+    # stamp written at the end of that deployment: it is written again from
+    # the store, not linked. Without a stamp nothing is linked.
+    ref_ctime = 0
+    if prev_dir:
+        try:
+            ref_ctime = os.stat(os.path.join(os.path.dirname(prev_dir), STAMP)).st_ctime_ns
+        except FileNotFoundError:
+            ref_ctime = 0
     _plan_tree(store, root, dest, prev_root, prev_dir, jobs, ref_ctime)
     if need is not None:
         need[0] = sum(e.size for e, _t in jobs)
@@ -141,7 +162,7 @@ def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | N
         return
     def write_group(group: list[tuple[Entry, str]]) -> None:
         for e, target in group:
-            write_file(store, e, target)
+            write_file(store, e, target, fresh)
 
     groups = [jobs[i:i + 64] for i in range(0, len(jobs), 64)]
     with ThreadPoolExecutor(WRITERS, thread_name_prefix="deploy") as pool:
@@ -182,15 +203,21 @@ def _linkable(path: str, size: int, ref_ctime: int) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_ctime_ns <= ref_ctime
 
 
-def write_file(store: Store, e: Entry, target: str) -> None:
+def write_file(store: Store, e: Entry, target: str,
+               fresh: set[ObjectId] | frozenset[ObjectId] = frozenset()) -> None:
+    def blob(oid: ObjectId) -> bytes:
+        if oid in fresh:
+            return store.objects.read_unverified(oid, BLOB)
+        return store.objects.get_kind(oid, BLOB)
+
     mode = 0o755 if e.flags & FLAG_EXEC else 0o644
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         if e.type == T_BLOB:
-            _write_all(fd, store.objects.get_kind(e.id, BLOB))
+            _write_all(fd, blob(e.id))
         elif e.type == T_RECIPE:
             for cid, _n in store.recipe(e.id):
-                _write_all(fd, store.objects.get_kind(cid, BLOB))
+                _write_all(fd, blob(cid))
         os.fchmod(fd, mode)
     finally:
         os.close(fd)

@@ -70,6 +70,18 @@ class ObjectStore:
             raise IntegrityError(f"object {oid.hex()} is damaged (content does not match its hash)")
         return raw[0], payload
 
+    def read_unverified(self, oid: ObjectId, kind: int) -> bytes:
+        """Payload without rehashing: only for objects verified moments ago by this
+        process (deploying what an import just checked)."""
+        try:
+            with open(self.path(oid), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise IntegrityError(f"object {short(oid)} is missing from the store") from None
+        if not raw or raw[0] != kind:
+            raise IntegrityError(f"object {oid.hex()} is damaged (not a {KIND_NAMES[kind]})")
+        return raw[1:]
+
     def get_kind(self, oid: ObjectId, kind: int) -> bytes:
         k, payload = self.get(oid)
         if k != kind:
@@ -145,9 +157,14 @@ class Batch:
             raw = f.read()
         return raw[0], raw[1:]
 
-    def put(self, kind: int, oid: ObjectId, payload: bytes | bytearray | memoryview) -> bool:
-        """Stage an object (already verified or computed by us). False if already held."""
-        if oid in self.pending or self.store.has(oid):
+    def put(self, kind: int, oid: ObjectId, payload: bytes | bytearray | memoryview, *,
+            check_store: bool = True) -> bool:
+        """Stage an object (already verified or computed by us). False if already held.
+
+        ``check_store=False`` skips the look-up in the store (one stat per object):
+        for a pack, whose sender sent only what we lack; an object we did hold is
+        then replaced by identical bytes, which is harmless."""
+        if oid in self.pending or (check_store and self.store.has(oid)):
             return False
         data = payload if isinstance(payload, bytes) else bytes(payload)
         self.pending[oid] = len(data)
