@@ -1,7 +1,7 @@
 """Harmonic benchmarks (not tests): pack size, throughput, publish time, peak memory, chunk sizes.
 
     make bench                                   # the full suite (about 1 GiB / 100,000 files / 3 GiB)
-    .venv/bin/python benchmarks/run.py --quick   # a small smoke run, a minute or so
+    .venv/bin/python benchmarks/run.py --quick   # a small smoke run, about 3 minutes
     .venv/bin/python benchmarks/run.py --only pack,pypi --chunks 64
 
 Each benchmark prints a table with Harmonic's figure, the alternative's, the
