@@ -130,8 +130,9 @@ class _Planner:
 
 
 def _stem(name: str) -> str:
-    """A name with its numbers blanked: Django-5.0.6 and Django-5.0.7 share one."""
-    return _DIGITS.sub("#", name)
+    """A name with its numbers blanked and case folded: Django-5.0.6 and
+    django-5.0.7 share one."""
+    return _DIGITS.sub("#", name.casefold())
 
 
 def _renamed(new: list[Entry], old: dict[str, Entry]) -> dict[str, Entry]:

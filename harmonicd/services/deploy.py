@@ -164,7 +164,10 @@ def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | N
         for e, target in group:
             write_file(store, e, target, fresh)
 
-    groups = [jobs[i:i + 64] for i in range(0, len(jobs), 64)]
+    # Interleaved, so the threads mostly create files in different folders
+    # (creation in one folder is serialised by the kernel).
+    n = max(1, len(jobs) // 64)
+    groups = [jobs[i::n] for i in range(n)]
     with ThreadPoolExecutor(WRITERS, thread_name_prefix="deploy") as pool:
         for fut in [pool.submit(write_group, g) for g in groups]:
             fut.result()

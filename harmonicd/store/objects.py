@@ -127,6 +127,8 @@ class Batch:
         self.store = store
         self.dir = os.path.join(store.incoming, f"{os.getpid()}-{os.urandom(6).hex()}")
         os.makedirs(self.dir)
+        for c in "0123456789abcdef":
+            os.mkdir(os.path.join(self.dir, c))
         self.pending: dict[ObjectId, int] = {}  # id -> payload size
         self.kinds: dict[ObjectId, int] = {}
         self.bytes = 0
@@ -146,7 +148,13 @@ class Batch:
         return self.kinds.get(oid)
 
     def staged_path(self, oid: ObjectId) -> str | None:
-        return os.path.join(self.dir, oid.hex()) if oid in self.pending else None
+        return self._staged(oid) if oid in self.pending else None
+
+    def _staged(self, oid: ObjectId) -> str:
+        # Sixteen sub-folders: file creation in one folder is serialised by the
+        # kernel, and several writer threads create files at once.
+        h = oid.hex()
+        return os.path.join(self.dir, h[0], h)
 
     def get(self, oid: ObjectId) -> tuple[int, bytes]:
         p = self.staged_path(oid)
@@ -197,7 +205,7 @@ class Batch:
             self._write(kind, oid, data)
 
     def _write(self, kind: int, oid: ObjectId, data: bytes) -> None:
-        fd = os.open(os.path.join(self.dir, oid.hex()), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(self._staged(oid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             total = 1 + len(data)
             n = os.writev(fd, [bytes((kind,)), data])
@@ -233,7 +241,7 @@ class Batch:
                 if shard not in shards:
                     os.makedirs(shard, exist_ok=True)
                     shards.add(shard)
-                os.replace(os.path.join(self.dir, oid.hex()), final)
+                os.replace(self._staged(oid), final)
             durable.syncfs(self.dir)
             crash_point("batch-committed")
         self.discard()
