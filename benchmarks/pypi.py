@@ -1,7 +1,7 @@
 """A real software change: two consecutive releases of 17 packages from PyPI.
 
 Source distributions are downloaded once with pip (cached under
-benchmarks/work/pypi/) and extracted side by side, so ``v1/`` holds
+benchmarks/scratch/pypi/) and extracted side by side, so ``v1/`` holds
 ``django-5.0.6/ ... sqlalchemy-2.0.30/`` and ``v2/`` the next versions: every
 file is renamed (its top folder carries the version) and many are changed, as
 in a software repository moving from one release to the next.

@@ -7,7 +7,7 @@
 Each benchmark prints a table with Harmonic's figure, the alternative's, the
 ratio and the goal, and everything is written to benchmarks/results/latest.md
 and latest.json (latest-quick.* for --quick). Generated data lives under
-benchmarks/work/ (git-ignored): input trees are kept between runs (they are
+benchmarks/scratch/ (git-ignored): input trees are kept between runs (they are
 rebuilt when their parameters change), servers' state folders are removed
 after each benchmark. All input is seeded: the same flags give the same bytes.
 See docs/benchmarks.md.
@@ -163,7 +163,7 @@ def pypi_inputs(work: str, quick: bool) -> tuple[str, str, dict[str, str]]:
     params = {"pairs": pairs}
     tops_path = os.path.join(work, f"{tag}.tops.json")
     if not _stamp_ok(stamp, json.loads(json.dumps(params))):
-        print("preparing the PyPI pair (downloads are cached in benchmarks/work/pypi-cache)", flush=True)
+        print("preparing the PyPI pair (downloads are cached in benchmarks/scratch/pypi-cache)", flush=True)
         tops = pypi.build(os.path.join(work, "pypi-cache"), v1, v2, pairs)
         with open(tops_path, "w") as f:
             json.dump(tops, f)
@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small-files", type=int, help="files in the re-publish tree (default 100,000)")
     p.add_argument("--big-mib", type=int, help="size of the peak-memory tree (default 3072)")
     p.add_argument("--chunks", default="16,32,64,128", help="average chunk sizes to compare, in KiB")
-    p.add_argument("--work", default=os.path.join(h.HERE, "work"))
+    p.add_argument("--work", default=os.path.join(h.HERE, "scratch"))
     p.add_argument("--out", help="results file without extension (default benchmarks/results/latest)")
     p.add_argument("--keep", action="store_true", help="keep the servers' state folders")
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
