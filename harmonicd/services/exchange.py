@@ -30,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from harmonicd.core import keys, names
+from harmonicd.core import names
 from harmonicd.core.codec import Compressor, delta_compress, pack_msg, unpack_msg
 from harmonicd.core.diff import Want, plan, reachable
-from harmonicd.core.ident import check_collection, check_server_id
+from harmonicd.core.ident import check_server_id
 from harmonicd.core.objects import (
     BLOB,
     ID_LEN,
@@ -50,7 +50,7 @@ from harmonicd.core.objects import (
     decode_tree,
     short,
 )
-from harmonicd.core.pack import OVERHEAD, Header, PackReader, PackWriter, new_pack_id
+from harmonicd.core.pack import Header, PackReader, PackWriter, new_pack_id
 from harmonicd.core.release import SignedRelease, decode
 from harmonicd.errors import (
     CorruptPack,
@@ -65,9 +65,9 @@ from harmonicd.errors import (
 )
 from harmonicd.services import deploy as deploy_mod
 from harmonicd.services.deploy import default_path, union_tree
-from harmonicd.services.publish import local_name, publish_changed_sources
+from harmonicd.services.publish import publish_changed_sources
 from harmonicd.store import durable
-from harmonicd.store.db import Collection, ReleaseRow
+from harmonicd.store.db import ReleaseRow
 from harmonicd.store.faults import crash_point
 from harmonicd.store.objects import Batch
 from harmonicd.store.store import Store
@@ -542,6 +542,18 @@ def have_state(store: Store) -> dict[str, Any]:
     return {"held": held, "pending": pending, "partial": b"".join(sorted(partial))}
 
 
+def stored_have(have: bytes | None) -> tuple[dict[str, tuple[int, ObjectId]], set[ObjectId]]:
+    """A school's last have-state as the master stored it: held (seq, root) per
+    collection, and the ids it holds of incomplete releases. Damage reads as empty."""
+    if not have:
+        return {}, set()
+    try:
+        raw = unpack_msg(have, what="stored have-state")
+    except HarmonicError:
+        return {}, set()
+    return _parse_have(raw if isinstance(raw, dict) else {})
+
+
 def _parse_have(raw: dict[str, Any]) -> tuple[dict[str, tuple[int, ObjectId]], set[ObjectId]]:
     held: dict[str, tuple[int, ObjectId]] = {}
     h = raw.get("held", {})
@@ -611,8 +623,7 @@ def for_school(store: Store, school: str) -> Outgoing:
     peer = db.peer(school)
     if peer is None:
         raise HarmonicError(f"{school} is not an enrolled school server")
-    have_raw = unpack_msg(peer.have, what="stored have-state") if peer.have else {}
-    held, partial = _parse_have(have_raw if isinstance(have_raw, dict) else {})
+    held, partial = stored_have(peer.have)
     releases = []
     roots = []
     for c in db.collections():
@@ -957,17 +968,3 @@ def write_receipt(store: Store, box: str, rep: ExchangeReport) -> None:
     lines.append("")
     durable.atomic_write(os.path.join(box, f"RECEIPT-{cfg.id}.txt"), "\n".join(lines).encode())
 
-
-__all__ = [
-    "OVERHEAD",
-    "Collection",
-    "check_collection",
-    "exchange",
-    "for_master",
-    "for_school",
-    "have_state",
-    "import_pack",
-    "keys",
-    "local_name",
-    "write_packs",
-]

@@ -185,18 +185,11 @@ def gc(store: Store) -> GcReport:
     # Master: its own older releases are kept only while some school holds
     # them (they are the bases of the smallest deltas); otherwise dropped.
     if cfg.is_master:
-        from harmonicd.core.codec import unpack_msg
-        from harmonicd.services.exchange import _parse_have
+        from harmonicd.services.exchange import stored_have
 
         held_roots: set[ObjectId] = set()
         for p in db.peers("node"):
-            if p.have:
-                try:
-                    have = unpack_msg(p.have, what="stored have-state")
-                except HarmonicError:
-                    continue
-                if isinstance(have, dict):
-                    held_roots |= {root for _s, root in _parse_have(have)[0].values()}
+            held_roots |= {root for _s, root in stored_have(p.have)[0].values()}
         with db.tx():
             for row in db.releases():
                 coll = db.collection(row.name)

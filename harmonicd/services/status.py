@@ -7,8 +7,6 @@ import time
 from typing import Any
 
 from harmonicd import __version__
-from harmonicd.core.codec import unpack_msg
-from harmonicd.errors import HarmonicError
 from harmonicd.store.store import Store
 
 
@@ -66,19 +64,12 @@ def status(store: Store) -> dict[str, Any]:
 
 
 def _schools(store: Store) -> list[dict[str, Any]]:
-    from harmonicd.services.exchange import _parse_have
+    from harmonicd.services.exchange import stored_have
 
     db = store.db
     rows = []
     for p in db.peers("node"):
-        held: dict[str, Any] = {}
-        if p.have:
-            try:
-                raw = unpack_msg(p.have, what="stored have-state")
-                if isinstance(raw, dict):
-                    held = {k: v[0] for k, v in _parse_have(raw)[0].items()}
-            except HarmonicError:
-                pass
+        held: dict[str, Any] = {k: v[0] for k, v in stored_have(p.have)[0].items()}
         waiting = 0
         for c in db.collections():
             if (c.mode == "owned" and c.root is not None and c.target in (None, p.id)
