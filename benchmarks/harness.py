@@ -3,6 +3,7 @@ delta of a change, rsync's batch, zstd baselines, tree digests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -376,6 +377,38 @@ def cp_sync(tree: str, dest: str) -> float:
     t = timed(f"cp -a '{tree}' '{dest}' && sync", shell=True)
     shutil.rmtree(dest, ignore_errors=True)
     return t
+
+
+STATE_FS_GIB = 64  # sparse; mounted with discard, so what a benchmark deletes is given back
+
+
+def mount_state_fs(work: str) -> str:
+    """A fresh ext4 file system (mkfs.ext4 defaults: journal, as a Debian school
+    server has) loop-mounted at work/state-fs, for the servers' state and every
+    output the benchmarks time. Made afresh on each run, so the figures do not
+    depend on the host's file system or on what earlier runs left in it: this
+    machine's root file system has no journal, and there ext4 creates files
+    slowly right after many were deleted (the allocator skips recently deleted
+    inodes one by one), which made timings swing threefold between runs."""
+    img = os.path.join(work, "state.img")
+    mnt = os.path.join(work, "state-fs")
+    unmount_state_fs(mnt)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(img)
+    with open(img, "wb") as f:
+        f.truncate(STATE_FS_GIB << 30)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", img], check=True)
+    os.makedirs(mnt, exist_ok=True)
+    subprocess.run(["mount", "-o", "loop,discard", img, mnt], check=True)
+    return mnt
+
+
+def unmount_state_fs(mnt: str) -> None:
+    if os.path.ismount(mnt):
+        subprocess.run(["umount", mnt], check=True)
+    img = os.path.join(os.path.dirname(mnt), "state.img")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(img)
 
 
 def drop_caches() -> bool:

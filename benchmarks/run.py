@@ -368,14 +368,14 @@ def bench_pack(a: argparse.Namespace, rep: Report) -> None:
     v1, v2, counts = school_inputs(a.work, a.seed, a.tree_mib * MiB, a.files)
     nfiles, nbytes = h.tree_bytes(v1)
     print(f"\nschool tree: {nfiles} files, {mib(nbytes)}; change set: {counts}", flush=True)
-    cp = min(h.cp_sync(v1, os.path.join(a.work, "cp-target")) for _ in range(a.repeat))
-    pub = publish_best(os.path.join(a.work, "flow-publish"), v1, a.repeat)
-    r = sync_flow(os.path.join(a.work, "flow-school"), v1, v2, keep=a.keep, repeat=a.repeat,
+    cp = min(h.cp_sync(v1, os.path.join(a.state, "cp-target")) for _ in range(a.repeat))
+    pub = publish_best(os.path.join(a.state, "flow-publish"), v1, a.repeat)
+    r = sync_flow(os.path.join(a.state, "flow-school"), v1, v2, keep=a.keep, repeat=a.repeat,
                   small_rounds=a.small_rounds)
     check_ok(r, "school tree")
-    zb = h.zstd_baseline(v1, os.path.join(a.work, "zstd"))
+    zb = h.zstd_baseline(v1, os.path.join(a.state, "zstd"))
     ideal = h.ideal_delta(v1, v2)
-    rs = h.rsync_batch(v1, v2, os.path.join(a.work, "rsync"))
+    rs = h.rsync_batch(v1, v2, os.path.join(a.state, "rsync"))
     rep.raw["school"] = {"files": nfiles, "bytes": nbytes, "changes": counts, "flow": r, "cp_sync_s": cp,
                          "publish": pub,
                          "zstd": asdict(zb), "ideal": asdict(ideal), "rsync": asdict(rs)}
@@ -439,15 +439,15 @@ def bench_pack(a: argparse.Namespace, rep: Report) -> None:
 def bench_pypi(a: argparse.Namespace, rep: Report) -> None:
     v1, v2, tops = pypi_inputs(a.work, a.quick)
     nfiles, nbytes = h.tree_bytes(v2)
-    r = sync_flow(os.path.join(a.work, "flow-pypi"), v1, v2, keep=a.keep)
+    r = sync_flow(os.path.join(a.state, "flow-pypi"), v1, v2, keep=a.keep)
     check_ok(r, "PyPI pair")
     ideal = h.ideal_delta(v1, v2, pypi.counterpart(tops))
-    rs = h.rsync_batch(v1, v2, os.path.join(a.work, "rsync"))
+    rs = h.rsync_batch(v1, v2, os.path.join(a.state, "rsync"))
     # The same change with the top folders keeping their v1 names: what the renames cost.
     same = pypi.same_names(v2, tops, os.path.join(a.work, "pypi-v2-samenames"))
-    r_same = sync_flow(os.path.join(a.work, "flow-pypi-same"), v1, same, keep=a.keep)
+    r_same = sync_flow(os.path.join(a.state, "flow-pypi-same"), v1, same, keep=a.keep)
     check_ok(r_same, "PyPI pair without renames")
-    rs_same = h.rsync_batch(v1, same, os.path.join(a.work, "rsync"))
+    rs_same = h.rsync_batch(v1, same, os.path.join(a.state, "rsync"))
     shutil.rmtree(same, ignore_errors=True)
     pairs = pypi.QUICK if a.quick else pypi.PAIRS
     rep.raw["pypi"] = {"files": nfiles, "bytes": nbytes, "pairs": pairs, "flow": r,
@@ -496,7 +496,7 @@ def bench_chunks(a: argparse.Namespace, rep: Report) -> None:
             got = data.setdefault(name, {}).get(key)
             if got is None:
                 print(f"chunk sizes: {name} with min/avg/max {key}", flush=True)
-                r = sync_flow(os.path.join(a.work, f"flow-chunks-{name}"), v1, v2, c, keep=False)
+                r = sync_flow(os.path.join(a.state, f"flow-chunks-{name}"), v1, v2, c, keep=False)
                 check_ok(r, f"{name} {key}")
                 got = data[name][key] = {"flow": r, "ideal": ideal.bytes}
             r = got["flow"]
@@ -520,7 +520,7 @@ def bench_chunks(a: argparse.Namespace, rep: Report) -> None:
 def bench_republish(a: argparse.Namespace, rep: Report) -> None:
     root = small_inputs(a.work, a.seed, a.small_files)
     nfiles, nbytes = h.tree_bytes(root)
-    base = os.path.join(a.work, "flow-small")
+    base = os.path.join(a.state, "flow-small")
     m, _s, _stick = h.make_pair(base)
     subprocess.run(["sync"], check=True)
     first = m.ctl("publish", "content", root)
@@ -528,7 +528,7 @@ def bench_republish(a: argparse.Namespace, rep: Report) -> None:
     for _ in range(3):
         subprocess.run(["sync"], check=True)
         again.append(m.ctl("publish", "content", root))
-    cp = min(h.cp_sync(root, os.path.join(a.work, "cp-target")) for _ in range(a.repeat))
+    cp = min(h.cp_sync(root, os.path.join(a.state, "cp-target")) for _ in range(a.repeat))
     walls = sorted(x.wall for x in again)
     rep.raw["republish"] = {"files": nfiles, "bytes": nbytes, "first": first.wall, "again": [x.wall for x in again],
                             "again_cpu": [x.cpu for x in again], "again_maxrss": [x.maxrss for x in again],
@@ -551,7 +551,7 @@ def bench_republish(a: argparse.Namespace, rep: Report) -> None:
 def bench_rss(a: argparse.Namespace, rep: Report) -> None:
     root = big_inputs(a.work, a.seed, a.big_mib * MiB)
     nfiles, nbytes = h.tree_bytes(root)
-    r = sync_flow(os.path.join(a.work, "flow-big"), root, None, keep=a.keep)
+    r = sync_flow(os.path.join(a.state, "flow-big"), root, None, keep=a.keep)
     check_ok(r, "big tree")
     rep.raw["rss"] = {"files": nfiles, "bytes": nbytes, "flow": r}
     limit = 150 * MiB
@@ -606,6 +606,7 @@ def render_md(data: dict[str, Any]) -> str:
           f"Machine: {mach['cpus']} CPUs, {mach['platform']}, Python {mach['python']}, {mach['zstd']}, "
           f"{mach['rsync']}  ", f"harmonicd {mach['harmonicd']} at commit {mach['commit']} "
           f"({mach.get('code', 'working tree')})  ",
+          f"Servers' state and timed outputs on: {data.get('raw', {}).get('state_fs', '?')}  ",
           f"Total run time: {data['elapsed_s'] / 60:.1f} min", "",
           "Method and caveats: docs/benchmarks.md. Timings are wall-clock seconds of whole `harmonicctl` "
           "processes on a shared 2-core VM; sizes are exact and reproducible.", ""]
@@ -639,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-mib", type=int, help="size of the peak-memory tree (default 3072)")
     p.add_argument("--chunks", default="16,32,64,128", help="average chunk sizes to compare, in KiB")
     p.add_argument("--work", default=os.path.join(h.HERE, "scratch"))
+    p.add_argument("--fs", choices=("image", "work"), default=None,
+                   help="where servers keep their state: a fresh journaled ext4 image mounted under the work "
+                        "folder (default when root), or the work folder itself")
     p.add_argument("--out", help="results file without extension (default benchmarks/results/latest)")
     p.add_argument("--keep", action="store_true", help="keep the servers' state folders")
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
@@ -679,8 +683,27 @@ def main(argv: list[str] | None = None) -> int:
         info = h.snapshot_code(os.path.join(a.work, "code"))
         print(f"harmonicd: snapshot of commit {info['commit']}{' + uncommitted changes' if info['dirty'] else ''}"
               f" in {info['path']}", flush=True)
+    if a.fs is None:
+        a.fs = "image" if os.geteuid() == 0 and shutil.which("mkfs.ext4") else "work"
     t0 = time.perf_counter()
     rep = Report()
+    if a.fs == "image":
+        a.state = h.mount_state_fs(a.work)
+        rep.raw["state_fs"] = "fresh ext4 image (mkfs.ext4 defaults, journal), loop-mounted"
+    else:
+        a.state = a.work
+        rep.raw["state_fs"] = "the work folder's own file system"
+    print(f"server state on: {rep.raw['state_fs']} ({a.state})", flush=True)
+    try:
+        run_all(a, rep, only)
+    finally:
+        if a.fs == "image":
+            h.unmount_state_fs(a.state)
+    write_results(a, rep, time.perf_counter() - t0)
+    return 0
+
+
+def run_all(a: argparse.Namespace, rep: Report, only: list[str]) -> None:
     steps = {"pack": bench_pack, "pypi": bench_pypi, "chunks": bench_chunks, "republish": bench_republish,
              "rss": bench_rss}
     for name in ALL:
@@ -690,8 +713,6 @@ def main(argv: list[str] | None = None) -> int:
             rep.raw.setdefault("loadavg", {})[name] = os.getloadavg()
             steps[name](a, rep)
             rep.raw.setdefault("timing", {})[name] = time.perf_counter() - t
-    write_results(a, rep, time.perf_counter() - t0)
-    return 0
 
 
 if __name__ == "__main__":
