@@ -267,7 +267,11 @@ def sync_flow(base: str, v1: str, v2: str | None, chunk: tuple[int, int, int] | 
         step("import_change", "exchange", stick, server=s)
         r["change_ok"] = h.tree_digest(s.deployed) == h.input_digest(v2)
         if small_rounds:
-            r["small_rounds"] = small_changes(m, s, stick, v2, os.path.join(base, "src-next"), small_rounds, step)
+            # Next to v2, on its file system: the copy hard-links v2's files.
+            src_next = os.path.join(os.path.dirname(v2), f".src-next-{os.path.basename(base)}")
+            shutil.rmtree(src_next, ignore_errors=True)
+            r["small_rounds"] = small_changes(m, s, stick, v2, src_next, small_rounds, step)
+            shutil.rmtree(src_next, ignore_errors=True)
     if not keep:
         shutil.rmtree(base, ignore_errors=True)
     return r
