@@ -109,18 +109,22 @@ def _run(args: argparse.Namespace, path: str) -> int:
             print(keys.format_key(store.key.public))
         return 0
     if cmd == "status":
-        from harmonicd.services.status import status
+        st = _daemon_status(cfg)
+        if st is None:
+            from harmonicd.services.status import status
 
-        with Store(cfg, lock=False) as store:
-            st = status(store)
+            with Store(cfg, lock=False) as store:
+                st = status(store)
         if args.json:
             print(json.dumps(st, indent=2))
         else:
             print(_render_status(st))
         return 0
-    if cmd in ("sync", "watch"):
-        raise DaemonNotRunning(f"`{cmd}` needs the daemon, and it is not running "
-                               f"(no control socket at {cfg.socket})")
+    if cmd == "sync":
+        return _sync(cfg, args.wait)
+    if cmd == "watch":
+        return _watch(cfg)
+    _become_state_owner(cfg)
     with Store(cfg) as store:
         from harmonicd.services.maintenance import recover
 
@@ -190,7 +194,7 @@ def _init(args: argparse.Namespace, path: str) -> int:
         except ValueError as exc:
             raise UsageError(f"--volume-size: {exc}") from None
     cfg = Config(path=os.path.abspath(path), id=args.id, role=args.role, state_dir=state,
-                 socket=args.socket, listen=args.listen, upstream_url=args.upstream,
+                 socket=os.path.abspath(args.socket), listen=args.listen, upstream_url=args.upstream,
                  master_key=master_key, sources=sources, volume_size=volume,
                  deploy_dir=os.path.abspath(args.deploy_dir) if args.deploy_dir else os.path.join(state, "deploy"))
     # Validate what we are about to write exactly as it will be read back.
@@ -244,27 +248,150 @@ def _exchange(store: Store, folder: str) -> int:
     return 0
 
 
+def _daemon_status(cfg: Config) -> dict[str, Any] | None:
+    """The daemon's own status (live fields included), or None when it does not answer."""
+    from harmonicd import control
+
+    try:
+        code, st = control.call(cfg.socket, "GET", f"{control.API}/status", timeout=10)
+    except DaemonNotRunning:
+        return None
+    except HarmonicError as exc:
+        log.warning("%s; showing the state without the daemon's live fields", exc)
+        return None
+    return st if code == 200 else None
+
+
+def _become_state_owner(cfg: Config) -> None:
+    """root changing a store that belongs to the daemon's user acts as that user,
+    so nothing it writes (objects, the database, deployed files) ends up owned by
+    root where the daemon could not replace it later."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(cfg.state_dir)
+    except OSError:
+        return
+    if st.st_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
+    log.info("acting as uid %d, the owner of %s", st.st_uid, cfg.state_dir)
+
+
+def _sync(cfg: Config, wait: bool) -> int:
+    from harmonicd import control
+
+    code, out = control.call(cfg.socket, "POST", f"{control.API}/sync", {"wait": wait},
+                             timeout=None if wait else 10)
+    if code == 202:
+        print("sync queued")
+        return 0
+    if "error" in out:
+        raise HarmonicError(out["error"])
+    print(out.get("summary", ""))
+    return 0 if out.get("ok") else 1
+
+
+def _watch(cfg: Config) -> int:
+    from harmonicd import control
+
+    try:
+        for ev in control.events(cfg.socket, recent=True):
+            print(_render_event(ev), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    print("the daemon ended the stream (stopped or restarting)", file=sys.stderr)
+    return 0
+
+
+def _bar(done: int, total: int | None, width: int = 24) -> str:
+    if not total:
+        return f"{durable.mib(done)}"
+    frac = min(done / total, 1.0)
+    fill = int(frac * width)
+    return f"[{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% {durable.mib(done)} of {durable.mib(total)}"
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    return f", about {s // 60} min {s % 60:02d} s left" if s >= 60 else f", about {s} s left"
+
+
+def _render_event(ev: dict[str, Any]) -> str:
+    t = ev.get("time", "")[11:19]
+    kind = ev.get("event")
+    if kind == "progress":
+        bar = _bar(ev["done_bytes"], ev.get("total_bytes"))
+        return f"{t} {ev['kind']} {ev['detail']}: {bar}{_eta(ev.get('eta_s'))}"
+    if kind == "started":
+        return f"{t} {ev['kind']} {ev['detail']}: started"
+    if kind in ("done", "failed"):
+        what = ev.get("summary") or ("done" if kind == "done" else "failed")
+        return f"{t} {ev['kind']} {ev['detail']}: {'' if kind == 'done' else 'FAILED: '}{what} ({ev['seconds']} s)"
+    rest = {k: v for k, v in ev.items() if k not in ("time", "event")}
+    return f"{t} {kind} {json.dumps(rest)}"
+
+
+def _age(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    try:
+        then = time.mktime(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    except ValueError:
+        return iso
+    s = max(0, int(time.time() - then))
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= n:
+            return f"{s // n} {unit} ago"
+    return f"{s} s ago"
+
+
 def _render_status(st: dict[str, Any]) -> str:
-    lines = [f"{st['id']} ({st['role']}, harmonicd {st['version']}, daemon "
-             f"{'running' if st['daemon'] else 'not running'})"]
+    daemon = "running" if st["daemon"] else "not running"
+    lines = [f"{st['id']}  {st['role']}  harmonicd {st['version']}  daemon {daemon}"]
     if st.get("master"):
         m = st["master"]
-        lines.append(f"master: {m['id'] or 'not yet heard from'}"
-                     + (f", last contact {m['last_seen']} by {m['how']}" if m["last_seen"] else ""))
-    if st.get("upstream"):
-        lines.append(f"upstream: {st['upstream']['url']}")
+        lines.append(f"master:    {m['id'] or 'not yet heard from'}"
+                     + (f", last contact {_age(m['last_seen'])} by {m['how']}" if m["last_seen"] else ""))
+    up = st.get("upstream")
+    if up:
+        reach = {True: "reachable", False: "unreachable", None: "not checked"}[up.get("reachable")]
+        lines.append(f"upstream:  {up['url']} ({reach}; last sync {_age(up.get('last_sync'))})"
+                     + (f"; last error: {up['last_error']}" if up.get("last_error") else ""))
+    elif not st.get("schools") and st["role"] == "node":
+        lines.append("upstream:  none (sticks only)")
+    media = st.get("media")
+    if media:
+        sticks = ", ".join(s.get("path", "?") for s in media.get("sticks", [])) or "no stick inserted"
+        lines.append(f"media:     {sticks} (devices: {', '.join(media.get('devices', []))})")
+    act = st.get("activity")
+    if act:
+        lines.append(f"now:       {act['kind']} {act.get('detail', '')}  "
+                     f"{_bar(act['done_bytes'], act.get('total_bytes'))}{_eta(act.get('eta_s'))}")
+    elif st["daemon"]:
+        lines.append("now:       idle" + (f" ({len(st['queued'])} queued)" if st.get("queued") else ""))
+    for w in st.get("warnings", []):
+        lines.append(f"warning:   {w}")
+    q = st.get("pending_quota")
+    if q and q.get("exceeded") and q["exceeded"] not in st.get("warnings", []):
+        lines.append(f"warning:   {q['exceeded']}")
     lines.append("")
-    lines.append(f"{'collection':<28} {'owner':<16} {'seq':>5} {'size':>10} {'pending':>10}  path")
+    lines.append(f"{'collection':<28} {'owner':<16} {'seq':>5} {'released':<14} {'size':>10} {'pending':>10}  path")
     for c in st["collections"]:
-        lines.append(f"{c['name']:<28} {c['owner']:<16} {c['seq']:>5} {durable.mib(c['size']):>10} "
-                     f"{durable.mib(c['pending_bytes']):>10}  {c['path'] or ''}")
+        lines.append(f"{c['name']:<28} {c['owner']:<16} {c['seq']:>5} {_age(c.get('released')):<14} "
+                     f"{durable.mib(c['size']):>10} {durable.mib(c['pending_bytes']):>10}  {c['path'] or ''}")
     if "schools" in st:
         lines.append("")
-        lines.append(f"{'school':<20} {'last seen':<22} {'how':<7} {'waiting':>10}  holds")
+        lines.append(f"{'school':<20} {'last seen':<16} {'how':<7} {'waiting':>10}  holds")
         for s in st["schools"]:
             holds = ", ".join(f"{k.split('/', 1)[-1]}={v}" for k, v in s["holds"].items()) or "-"
-            lines.append(f"{s['id']:<20} {s['last_seen'] or 'never':<22} {s['how'] or '-':<7} "
+            lines.append(f"{s['id']:<20} {_age(s['last_seen']):<16} {s['how'] or '-':<7} "
                          f"{durable.mib(s['waiting_bytes']):>10}  {holds}")
     lines.append("")
-    lines.append(f"store: {st['store']['objects']} objects, {durable.mib(st['store']['bytes'])}")
+    store = st["store"]
+    lines.append(f"store: {store['objects']} objects, {durable.mib(store['bytes'])}")
     return "\n".join(lines)

@@ -23,6 +23,10 @@ DEFAULT_SOCKET = "/run/harmonicd/control.sock"
 DEFAULT_VOLUME_SIZE = 4_000_000_000
 MIN_VOLUME_SIZE = 64 << 10
 NODE_COLLECTIONS = ("stats", "backup")
+DEFAULT_QUIET = 5.0  # seconds without change before a watched folder is published
+DEFAULT_RESCAN = 600.0  # seconds between stat rescans of watched folders
+DEFAULT_PENDING_QUOTA = 4 << 30  # unacknowledged upward data kept at most
+DEFAULT_STOP_GRACE = 20.0  # seconds a stopping daemon waits for its current job
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,12 @@ class Config:
     archive_keep_days: int = 0  # 0: keep forever
     media_devices: tuple[str, ...] = ("usb",)
     deploy_dir: str = ""
+    socket_group: str = "harmonicd"  # may read status and events
+    admin_group: str = "harmonicd-admin"  # may also change things (sync, publish, verify, gc)
+    quiet_seconds: float = DEFAULT_QUIET
+    rescan_seconds: float = DEFAULT_RESCAN
+    pending_quota: int = DEFAULT_PENDING_QUOTA
+    stop_grace_seconds: float = DEFAULT_STOP_GRACE
 
     @property
     def is_master(self) -> bool:
@@ -104,12 +114,21 @@ def validate(data: dict[str, Any], path: str) -> Config:
             raise err(f"{tname}.{key}", "must be a string")
         return v
 
-    known = {"server", "upstream", "collections", "packs", "archive", "media", "deploy"}
+    def seconds(t: dict[str, Any], tname: str, key: str, default: float, low: float, high: float) -> float:
+        v = t.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise err(f"{tname}.{key}", "must be a number of seconds")
+        if not low <= v <= high:
+            raise err(f"{tname}.{key}", f"must be between {low:g} and {high:g} seconds")
+        return float(v)
+
+    known = {"server", "upstream", "collections", "packs", "archive", "media", "deploy", "publish"}
     for k in data:
         if k not in known:
             raise err(k, f"unknown section (known: {', '.join(sorted(known))})")
 
-    server = table("server", {"id", "role", "state_dir", "socket", "listen"})
+    server = table("server", {"id", "role", "state_dir", "socket", "listen", "socket_group", "admin_group",
+                              "stop_grace_seconds"})
     try:
         sid = check_server_id(text(server, "server", "id"))
     except HarmonicError as exc:
@@ -171,9 +190,24 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if not os.path.isabs(deploy_dir):
         raise err("deploy.dir", "must be an absolute path")
 
+    publish = table("publish", {"quiet_seconds", "rescan_seconds", "pending_quota"})
+    quiet = seconds(publish, "publish", "quiet_seconds", DEFAULT_QUIET, 0.1, 3600)
+    rescan = seconds(publish, "publish", "rescan_seconds", DEFAULT_RESCAN, 10, 7 * 86400)
+    try:
+        quota = parse_size(publish.get("pending_quota", DEFAULT_PENDING_QUOTA))
+    except ValueError as exc:
+        raise err("publish.pending_quota", str(exc)) from None
+    stop_grace = seconds(server, "server", "stop_grace_seconds", DEFAULT_STOP_GRACE, 0, 3600)
+    socket = text(server, "server", "socket", DEFAULT_SOCKET)
+    if not os.path.isabs(socket):
+        raise err("server.socket", "must be an absolute path")
+
     return Config(
         path=path, id=sid, role=role, state_dir=state_dir,
-        socket=text(server, "server", "socket", DEFAULT_SOCKET),
+        socket=socket,
+        socket_group=text(server, "server", "socket_group", "harmonicd"),
+        admin_group=text(server, "server", "admin_group", "harmonicd-admin"),
+        stop_grace_seconds=stop_grace, quiet_seconds=quiet, rescan_seconds=rescan, pending_quota=quota,
         listen=text(server, "server", "listen", ""),
         upstream_url=text(upstream, "upstream", "url", ""),
         master_key=master_key, sources=sources, volume_size=volume_size,
@@ -193,6 +227,8 @@ def render(cfg: Config) -> str:
         f"state_dir = {_q(cfg.state_dir)}",
         f"socket = {_q(cfg.socket)}",
         f"listen = {_q(cfg.listen)}   # HOST:PORT to serve other servers; empty: do not",
+        f"socket_group = {_q(cfg.socket_group)}   # may read status and events",
+        f"admin_group = {_q(cfg.admin_group)}   # may also sync, publish, verify, gc",
         "",
     ]
     if cfg.role == "node":
@@ -204,6 +240,12 @@ def render(cfg: Config) -> str:
         ]
     for name, src in cfg.sources.items():
         lines += [f"[collections.{name}]", f"path = {_q(src)}   # published by itself when it changes", ""]
+    if cfg.sources:
+        lines += ["[publish]",
+                  f"quiet_seconds = {cfg.quiet_seconds:g}   # no change for this long, then the daemon publishes",
+                  f"rescan_seconds = {cfg.rescan_seconds:g}   # also look for missed changes this often",
+                  f"pending_quota = {cfg.pending_quota}   # unacknowledged upward data kept at most (bytes)",
+                  ""]
     lines += [
         "[packs]",
         f"volume_size = {cfg.volume_size}   # bytes per pack file; below 4 GiB for FAT32 sticks",

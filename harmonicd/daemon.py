@@ -1,12 +1,441 @@
-"""harmonicd: the daemon. Its event loop, control socket and watchers are the
-subject of the next milestone; until then it refuses to start, clearly."""
+"""harmonicd: the daemon (composition root).
+
+One ``asyncio.run``, one TaskGroup owning the long-lived parts: the job
+runner (store work in a worker thread, one job at a time), the control
+socket, the watchdog heartbeat, the rescan timer. The folder watcher's
+thread only posts names into the loop.
+
+Start: configuration, then recovery of the store (converging deployments a
+crash left half-switched), then the control socket, then READY=1. Stop
+(SIGTERM, SIGINT): STOPPING=1, no new connections or jobs, wait up to
+``server.stop_grace_seconds`` for the job that runs, then exit. A job still
+running then is abandoned where it is, which is safe: every step of the
+store is crash-consistent, and the next start recovers and redoes it.
+SIGHUP reloads the configuration (a bad one is logged and the old one kept).
+
+Exit codes: 0 stopped cleanly; 78 (EX_CONFIG) configuration, state folder,
+key or socket path unusable, which a restart will not fix (the unit's
+RestartPreventExitStatus); 1 anything else.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
 import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from harmonicd import __version__
+from harmonicd import config as config_mod
+from harmonicd.activity import Activity
+from harmonicd.config import Config
+from harmonicd.control import ControlServer
+from harmonicd.errors import ConfigError, HarmonicError, StartupError, StateError, UsageError
+from harmonicd.jobs import JobRunner, Outcome
+from harmonicd.logs import setup_daemon_logging
+from harmonicd.store import durable
+from harmonicd.store.store import Store
+from harmonicd.systemd import Notifier
+from harmonicd.watch import FolderWatcher
+
+log = logging.getLogger("harmonicd")
+
+EX_CONFIG = 78
+SETTLE_MAX = 60.0  # a folder that never stays quiet is published anyway after this long (or 10 quiet periods)
+STORE_SIZE_MAX_AGE = 60.0  # seconds a status answer may show an old count of the store's objects
 
 
-def main() -> int:
-    print("error: harmonicd (the daemon) is not part of this version yet; use `harmonicctl exchange` "
-          "and `harmonicctl publish`", file=sys.stderr)
-    return 1
+class Daemon:
+    def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier or Notifier()
+        self.activity = Activity()
+        self.jobs = JobRunner(self.activity, lambda: self.cfg)
+        self.control = ControlServer(self, cfg.socket, cfg.socket_group, cfg.admin_group)
+        self.watcher: FolderWatcher | None = None
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._stop_reason = ""
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._first_change: dict[str, float] = {}
+        self._store_size: dict[str, int] | None = None
+        self._store_size_at = 0.0
+        self._sizing = False
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="status")
+
+    # -- lifetime
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.activity.bind(loop)
+        self.jobs.on_change = self._job_changed
+        try:
+            await loop.run_in_executor(self._pool, self._startup_checks)
+        except HarmonicError as exc:
+            raise StartupError(str(exc)) from None
+        await self.control.start()
+        for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            loop.add_signal_handler(sig, self.stop, why)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        self._start_watcher(loop)
+        what = f"{self.cfg.role} {self.cfg.id}: idle"
+        self.notifier.ready(what)
+        log.info("harmonicd %s started as %s %s; control socket %s", __version__, self.cfg.role,
+                 self.cfg.id, self.cfg.socket)
+        for name in self.cfg.sources:
+            self.folder_changed(name)  # what changed while we were stopped
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self.jobs.run(), name="jobs"),
+                         tg.create_task(self._rescan(), name="rescan")]
+                if self.notifier.watchdog_interval:
+                    tasks.append(tg.create_task(self._heartbeat(self.notifier.watchdog_interval), name="watchdog"))
+                await self._stop.wait()
+                await self._shutdown()
+                for t in tasks:
+                    t.cancel()
+        finally:
+            self._pool.shutdown(wait=False)
+        return 0
+
+    def stop(self, why: str = "") -> None:
+        if not self._stop.is_set():
+            self._stop_reason = why
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        running = self.jobs.running
+        self.notifier.stopping(f"stopping ({self._stop_reason or 'asked'})")
+        log.info("stopping (%s)", self._stop_reason or "asked")
+        for t in self._timers.values():
+            t.cancel()
+        self._timers.clear()
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.jobs.close()
+        self.activity.close_streams()
+        await self.control.stop()
+        if running is not None and not running.future.done():
+            log.info("waiting up to %g s for %s %s to finish", self.cfg.stop_grace_seconds, running.kind,
+                     running.detail)
+            try:
+                await asyncio.wait_for(asyncio.shield(running.future), self.cfg.stop_grace_seconds)
+            except TimeoutError:
+                # Abandoned mid-way: crash-safe by construction, recovered and redone at the next start.
+                log.warning("%s %s did not finish in %g s; stopping anyway (it is redone at the next start)",
+                            running.kind, running.detail, self.cfg.stop_grace_seconds)
+                self.abandoned = True
+
+    abandoned = False
+
+    def _startup_checks(self) -> None:
+        """Recovery before READY: a crash may have left a deployment half-switched."""
+        from harmonicd.services.maintenance import recover
+        from harmonicd.services.status import store_size_of
+
+        with Store(self.cfg) as store:
+            recover(store)
+            store.key  # noqa: B018 - an unreadable key must stop the start, not the first job
+            self._store_size, self._store_size_at = store_size_of(store), time.monotonic()
+
+    def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.cfg.sources:
+            self.watcher = FolderWatcher(self.cfg.sources, self.folder_changed)
+            self.watcher.start(loop)
+
+    async def _heartbeat(self, every: float) -> None:
+        # Runs on the loop: a loop blocked for longer than WatchdogSec stops the
+        # pings and systemd restarts us, which is the point.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(every)
+
+    async def _rescan(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.rescan_seconds)
+            if self.watcher is not None:
+                self.watcher.refresh()
+            for name in self.cfg.sources:
+                self.folder_changed(name)
+
+    def _job_changed(self) -> None:
+        cur = self.activity.current
+        self.notifier.status(f"{self.cfg.role} {self.cfg.id}: "
+                             + (f"{cur.kind} {cur.detail}" if cur else "idle"))
+
+    def _reload(self) -> None:
+        try:
+            new = config_mod.load(self.cfg.path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        fixed = [k for k in ("id", "role", "state_dir", "socket") if getattr(new, k) != getattr(self.cfg, k)]
+        if fixed:
+            log.warning("reload: %s changed; that takes a restart (the rest is applied now)", ", ".join(fixed))
+            new = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in fixed})
+        old, self.cfg = self.cfg, new
+        self.control.group, self.control.admin_group = new.socket_group, new.admin_group
+        if new.sources != old.sources:
+            if self.watcher is not None:
+                self.watcher.stop()
+                self.watcher = None
+            self._start_watcher(asyncio.get_running_loop())
+            for name in new.sources:
+                self.folder_changed(name)
+        log.info("configuration reloaded from %s", new.path)
+
+    # -- watched folders
+    def folder_changed(self, name: str) -> None:
+        """A source folder changed (or may have): publish it once it has been quiet."""
+        if self._stop.is_set() or name not in self.cfg.sources:
+            return
+        now = time.monotonic()
+        first = self._first_change.setdefault(name, now)
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        quiet = self.cfg.quiet_seconds
+        # A folder written into without pause (a log) still gets published,
+        # after at most SETTLE_MAX or ten quiet periods.
+        patience = max(SETTLE_MAX, 10 * quiet)
+        overdue = now - first >= patience
+        delay = 0.0 if overdue else quiet
+        self._timers[name] = asyncio.get_running_loop().call_later(delay, self._publish_source, name, not overdue)
+
+    def _publish_source(self, name: str, settle: bool) -> None:
+        self._timers.pop(name, None)
+        src = self.cfg.sources.get(name)
+        if src is None:
+            return
+        quiet = self.cfg.quiet_seconds
+
+        def work(store: Store, progress: Callable[[int], None]) -> Outcome:
+            from harmonicd.services.publish import Unsettled, over_quota, publish
+
+            why = over_quota(store)
+            if why is not None:
+                self.activity.warnings["pending_quota"] = why
+                return Outcome(f"{name} not published: over quota", {"published": False, "held_back": True})
+            self.activity.warnings.pop("pending_quota", None)
+            if not os.path.isdir(src):
+                return Outcome("", {"published": False})
+            try:
+                seq, changed = publish(store, name, src, progress=progress, settle=quiet if settle else 0)
+            except Unsettled:
+                return Outcome("", {"published": False, "unsettled": True})
+            return Outcome(f"published {name} release {seq}" if changed else "",
+                           {"published": changed, "seq": seq}, logged=True)
+
+        fut = self.jobs.submit("publish", name, work, key=f"publish:{name}")
+        fut.add_done_callback(lambda f: self._published(name, f))
+
+    def _published(self, name: str, fut: asyncio.Future[Outcome]) -> None:
+        if fut.cancelled():
+            return
+        out = fut.result()
+        if out.data.get("unsettled"):
+            # Still being written: look again after another quiet period.
+            self.folder_changed(name)
+            return
+        self._first_change.pop(name, None)
+        if out.data.get("published"):
+            self._store_size_at = 0.0
+        if out.data.get("held_back") and name == next(iter(self.cfg.sources), None):
+            log.warning("%s", self.activity.warnings.get("pending_quota", "over the pending quota"))
+
+    # -- the control API's backend
+    async def status(self) -> dict[str, Any]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._status)
+
+    def _status(self) -> dict[str, Any]:
+        from harmonicd.services.status import status, store_size_of
+
+        with Store(self.cfg, lock=False) as store:
+            if time.monotonic() - self._store_size_at > STORE_SIZE_MAX_AGE and not self._sizing:
+                self._sizing = True
+                try:
+                    self._store_size, self._store_size_at = store_size_of(store), time.monotonic()
+                finally:
+                    self._sizing = False
+            st = status(store, self._store_size)
+        st["daemon"] = True
+        st["activity"] = self.activity.snapshot()
+        st["queued"] = [{"kind": j.kind, "detail": j.detail} for j in list(self.jobs.queue)]
+        st["last"] = dict(self.activity.last)
+        st["warnings"] = sorted(self.activity.warnings.values())
+        st["pid"] = os.getpid()
+        st["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
+        st["watching"] = sorted(self.watcher.watching) if self.watcher else []
+        st["media"] = {"devices": list(self.cfg.media_devices), "sticks": []}
+        return st
+
+    def recent_events(self) -> list[dict[str, Any]]:
+        return list(self.activity.recent)
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        return self.activity.subscribe()
+
+    def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self.activity.unsubscribe(q)
+
+    def command(self, name: str, args: dict[str, Any]) -> asyncio.Future[Outcome]:
+        """A changing command from the control socket, as a queued job."""
+
+        def text(key: str, required: bool = True) -> str | None:
+            v = args.get(key)
+            if v is None and not required:
+                return None
+            if not isinstance(v, str) or not v:
+                raise UsageError(f"{name}: {key!r} must be a non-empty string")
+            return v
+
+        if name == "exchange":
+            folder = text("dir")
+            assert folder is not None
+            if not os.path.isabs(folder):
+                raise UsageError(f"exchange: {folder!r} must be an absolute path")
+            return self.jobs.submit("exchange", folder, _exchange_work(folder), total=_inbox_bytes(self.cfg, folder))
+        if name == "publish":
+            coll, folder, target = text("collection"), text("dir"), text("for", required=False)
+            assert coll is not None
+            assert folder is not None
+            return self.jobs.submit("publish", coll, _publish_work(coll, folder, target),
+                                    key=f"publish-explicit:{coll}:{target}")
+        if name == "verify":
+            return self.jobs.submit("verify", "store", _verify_work)
+        if name == "gc":
+            return self.jobs.submit("gc", "store", _gc_work)
+        if name == "sync":
+            return self.jobs.submit("sync", self.cfg.upstream_url or "-", _sync_work)
+        raise UsageError(f"unknown command {name}")
+
+
+# --------------------------------------------------------------------------- job bodies
+
+
+def _exchange_work(folder: str) -> Callable[[Store, Callable[[int], None]], Outcome]:
+    def work(store: Store, progress: Callable[[int], None]) -> Outcome:
+        from harmonicd.services.exchange import exchange
+
+        if not os.path.isdir(folder):
+            raise UsageError(f"{folder} is not a folder")
+        rep = exchange(store, folder, progress)
+        received = [f"{a} from {r.sender}" for r in rep.imported for a in r.applied]
+        written = [f"{e.recipient}: {', '.join(e.releases) or 'request'}" for e in rep.exported]
+        data = {"received": received, "written": written, "refused": rep.refused, "waiting": rep.waiting,
+                "published": [f"{n} release {s}" for n, s in rep.published]}
+        if rep.refused:
+            return Outcome(f"{len(rep.refused)} pack(s) refused: " + "; ".join(rep.refused), data, ok=False)
+        return Outcome(f"exchange with {folder}: received {len(received)}, wrote {len(written)}", data)
+    return work
+
+
+def _inbox_bytes(cfg: Config, folder: str) -> int | None:
+    from harmonicd.services.exchange import MAILBOX, TO_MASTER, to_folder
+
+    inbox = os.path.join(folder, MAILBOX, TO_MASTER if cfg.is_master else to_folder(cfg.id))
+    try:
+        with os.scandir(inbox) as it:
+            return sum(d.stat(follow_symlinks=False).st_size for d in it if d.name.endswith(".hpk")) or None
+    except OSError:
+        return None
+
+
+def _publish_work(coll: str, folder: str, target: str | None) -> Callable[[Store, Callable[[int], None]], Outcome]:
+    def work(store: Store, progress: Callable[[int], None]) -> Outcome:
+        from harmonicd.services.publish import publish
+
+        seq, changed = publish(store, coll, folder, target, progress)
+        return Outcome(f"published {coll} release {seq}" if changed else f"{coll} unchanged at release {seq}",
+                       {"seq": seq, "changed": changed})
+    return work
+
+
+def _verify_work(store: Store, progress: Callable[[int], None]) -> Outcome:
+    from harmonicd.services.maintenance import verify
+
+    rep = verify(store, progress)
+    data = {"objects": rep.objects, "files": rep.files, "problems": rep.problems}
+    if rep.problems:
+        return Outcome(f"verify found {len(rep.problems)} problem(s): " + "; ".join(rep.problems[:5]), data, ok=False)
+    return Outcome(f"{rep.objects} objects ({durable.mib(rep.bytes)}) and {rep.files} deployed files verified", data)
+
+
+def _gc_work(store: Store, progress: Callable[[int], None]) -> Outcome:
+    from harmonicd.services.maintenance import gc
+
+    g = gc(store)
+    return Outcome(f"removed {g.removed} objects ({durable.mib(g.removed_bytes)}), kept {g.kept}",
+                   {"removed": g.removed, "removed_bytes": g.removed_bytes, "kept": g.kept})
+
+
+def _sync_work(store: Store, progress: Callable[[int], None]) -> Outcome:
+    from harmonicd.services.publish import publish_changed_sources
+
+    made = publish_changed_sources(store)
+    data = {"published": [f"{n} release {s}" for n, s in made]}
+    if store.cfg.is_master:
+        return Outcome("the master has no upstream to sync with", data)
+    if not store.cfg.upstream_url:
+        return Outcome("no upstream.url configured: this school syncs by stick only", data, ok=False)
+    return Outcome("online sync is not part of this version yet (it comes with the HTTP transport)", data,
+                   ok=False)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harmonicd", description="Harmonic's daemon, in the foreground.")
+    p.add_argument("--config", help="configuration file (default: $HARMONICD_CONFIG or /etc/harmonicd/harmonicd.toml)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"harmonicd {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_daemon_logging(args.verbose)
+    path = config_mod.config_path(args.config)
+    try:
+        cfg = config_mod.load(path)
+        if not os.path.isdir(cfg.state_dir):
+            raise StateError(f"state folder {cfg.state_dir} does not exist (run `harmonicctl init`)")
+    except (ConfigError, StateError) as exc:
+        log.error("%s", exc)
+        return EX_CONFIG
+    notifier = Notifier()
+    daemon: Daemon | None = None
+    try:
+        async def run() -> int:
+            nonlocal daemon
+            daemon = Daemon(cfg, notifier)
+            return await daemon.run()
+
+        code = asyncio.run(run())
+    except (ConfigError, StartupError, StateError) as exc:
+        log.error("cannot start: %s", exc)
+        return EX_CONFIG
+    except HarmonicError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        notifier.close()
+    log.info("stopped")
+    logging.shutdown()
+    if daemon is not None and daemon.abandoned:
+        # A worker thread is still inside a job; it must not keep the process alive.
+        sys.stderr.flush()
+        os._exit(code)
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    return code

@@ -8,6 +8,7 @@ Nothing else should escape to the user as a traceback.
     ├── UsageError                   exit 2   wrong arguments or command for this role
     ├── DaemonNotRunning             exit 3
     ├── ConfigError                  exit 1   config file missing, unreadable or invalid (names the key)
+    ├── StartupError                 exit 1   the daemon cannot start here (socket path taken)
     ├── StoreError                   exit 1   local state
     │   ├── IntegrityError                    an object or deployed file does not match its hash
     │   ├── DiskFullError                     ENOSPC: says how much space is needed
@@ -22,6 +23,10 @@ Nothing else should escape to the user as a traceback.
     │   ├── BadSignature
     │   └── Equivocation                      same seq, other content
     └── (RollbackIgnored is a warning, not an error: see exchange)
+
+The daemon (harmonicd) exits 78 (EX_CONFIG) instead for ConfigError,
+StartupError and StateError at start-up, so systemd does not restart it in
+a loop (RestartPreventExitStatus=78 in the unit).
 
 Messages are built where the error is raised, so they can name the file and
 the reason; the class says which family it is for callers and tests.
@@ -50,6 +55,10 @@ class DaemonNotRunning(HarmonicError):
 
 class ConfigError(HarmonicError):
     """The configuration is missing or invalid."""
+
+
+class StartupError(HarmonicError):
+    """The daemon cannot start here (its socket path is taken, say): retrying will not help."""
 
 
 class StoreError(HarmonicError):

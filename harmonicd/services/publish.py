@@ -61,6 +61,7 @@ class Snapshot:
     size: int = 0
     files: int = 0
     read_bytes: int = 0
+    newest_ns: int = 0  # latest mtime or ctime seen (files and folders)
     skipped: list[str] = field(default_factory=list)
     cache: list[CacheRow] = field(default_factory=list)
 
@@ -90,6 +91,7 @@ class _Snapshotter:
             child_rel = names.join(rel, d.name)
             names.check_name(d.name, rel or os.path.basename(path))
             st = d.stat(follow_symlinks=False)
+            self.snap.newest_ns = max(self.snap.newest_ns, st.st_mtime_ns, st.st_ctime_ns)
             if stat.S_ISDIR(st.st_mode):
                 oid, size = self.folder(d.path, child_rel, depth + 1)
                 entries.append(Entry(d.name, T_DIR, 0, oid, size))
@@ -194,9 +196,17 @@ def local_name(collection: str, target: str | None) -> str:
     return f"{collection}@{target}" if target else collection
 
 
+class Unsettled(HarmonicError):
+    """The folder changed moments ago: something may still be writing into it."""
+
+
 def publish(store: Store, collection: str, src: str, target: str | None = None,
-            progress: Callable[[int], None] | None = None) -> tuple[int, bool]:
-    """Snapshot src as the next release; returns (seq, whether a release was made)."""
+            progress: Callable[[int], None] | None = None, settle: float = 0) -> tuple[int, bool]:
+    """Snapshot src as the next release; returns (seq, whether a release was made).
+
+    ``settle`` > 0 (the daemon's watcher): raise Unsettled, making nothing, if
+    anything in the folder changed less than that many seconds before the scan
+    began, so a file still being written is never published half-written."""
     check_collection(collection)
     cfg = store.cfg
     if target is not None:
@@ -228,10 +238,12 @@ def publish(store: Store, collection: str, src: str, target: str | None = None,
             snap = snapshot(store, name, src, batch, progress, cache_before)
         except OSError as exc:
             raise durable.disk_error(exc, f"publishing {name}", 0, store.dir) from exc
-        for p in snap.skipped:
-            log.warning("%s: skipped %s (not a regular file or folder)", name, p)
         seq = coll.seq if coll else 0
         changed = coll is None or coll.root != snap.root
+        if changed and settle > 0 and snap.newest_ns > started - int(settle * 1e9):
+            raise Unsettled(f"{src} changed less than {settle:g} s ago")
+        for p in snap.skipped:
+            log.warning("%s: skipped %s (not a regular file or folder)", name, p)
         try:
             batch.commit()
         except OSError as exc:
@@ -261,13 +273,40 @@ def publish(store: Store, collection: str, src: str, target: str | None = None,
     return seq, changed
 
 
-def publish_changed_sources(store: Store) -> list[tuple[str, int]]:
-    """Publish every owned collection with a source folder whose content changed."""
-    made = []
+def unacked_bytes(store: Store, name: str) -> int:
+    """Bytes of an owned collection's releases kept until the master acknowledges them."""
+    coll = store.db.collection(name)
+    if coll is None or coll.mode != "owned" or store.cfg.is_master:
+        return 0
+    return sum(r.size for r in store.db.releases(name) if r.seq > coll.acked_seq and r.state in ("live", "kept"))
+
+
+def over_quota(store: Store) -> str | None:
+    """Why automatic publishing is held back, or None. Policy (docs/operations.md):
+    once the upward data waiting for the master's acknowledgement reaches
+    publish.pending_quota, stats and backup get no new release by themselves;
+    their folders still hold the data, nothing is dropped, and publishing
+    resumes when an acknowledgement frees space."""
+    used = sum(unacked_bytes(store, name) for name in store.cfg.sources)
+    if used < store.cfg.pending_quota:
+        return None
+    return (f"upward data waiting for the master's acknowledgement is {durable.mib(used)}, at or over "
+            f"publish.pending_quota ({durable.mib(store.cfg.pending_quota)}): stats and backup are not "
+            "published by themselves until the master acknowledges what it has")
+
+
+def publish_changed_sources(store: Store, settle: float = 0) -> list[tuple[str, int]]:
+    """Publish every owned collection with a source folder whose content changed
+    (nothing while over the pending quota)."""
+    made: list[tuple[str, int]] = []
+    why = over_quota(store)
+    if why is not None:
+        log.warning("%s", why)
+        return made
     for name, src in store.cfg.sources.items():
         if not os.path.isdir(src):
             continue
-        seq, changed = publish(store, name, src)
+        seq, changed = publish(store, name, src, settle=settle)
         if changed:
             made.append((name, seq))
     return made

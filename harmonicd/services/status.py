@@ -14,17 +14,18 @@ def _iso(ts: int | None) -> str | None:
     return None if not ts else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def status(store: Store) -> dict[str, Any]:
+def status(store: Store, store_size: dict[str, int] | None = None) -> dict[str, Any]:
+    """The status model; ``store_size`` given by a caller that keeps it (the
+    daemon: counting object files takes a while on a big store)."""
+    from harmonicd.services.publish import over_quota, unacked_bytes
+
     cfg = store.cfg
     db = store.db
     master = next(iter(db.peers("master")), None)
     colls = []
     for c in db.collections():
         row = db.release(c.name, c.seq) if c.seq else None
-        pending = sum(r.size for r in db.releases(c.name) if r.state == "pending")
-        if c.mode == "owned" and not cfg.is_master:
-            pending += sum(r.size for r in db.releases(c.name)
-                           if r.seq > c.acked_seq and r.state in ("live", "kept"))
+        pending = sum(r.size for r in db.releases(c.name) if r.state == "pending") + unacked_bytes(store, c.name)
         owner = c.owner
         if owner == "master" and master is not None:
             owner = master.id
@@ -54,12 +55,15 @@ def status(store: Store) -> dict[str, Any]:
         if cfg.upstream_url:
             out["upstream"] = {"url": cfg.upstream_url, "reachable": None,
                                "last_sync": None, "last_error": None}
+        out["pending_quota"] = {"limit_bytes": cfg.pending_quota,
+                                "used_bytes": sum(unacked_bytes(store, n) for n in cfg.sources),
+                                "exceeded": over_quota(store)}
         out["master"] = {"id": master.id if master else None,
                          "last_seen": _iso(master.last_seen) if master else None,
                          "how": master.last_how if master else None}
     else:
         out["schools"] = _schools(store)
-    out["store"] = _store_size(store)
+    out["store"] = store_size if store_size is not None else store_size_of(store)
     return out
 
 
@@ -82,7 +86,7 @@ def _schools(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def _store_size(store: Store) -> dict[str, int]:
+def store_size_of(store: Store) -> dict[str, int]:
     n = total = 0
     root = store.objects.root
     try:

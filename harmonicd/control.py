@@ -1,0 +1,390 @@
+"""The control socket: a versioned JSON API over a Unix socket (docs/control-api.md).
+
+Server side: aiohttp serving connections that our own accept loop hands to
+it, so that every connection is counted, given a deadline and refused
+beyond a limit before aiohttp sees a byte. Who may do what is decided from
+the caller's credentials as the kernel reports them (SO_PEERCRED and
+SO_PEERGROUPS), never from anything the caller says: reading (status,
+events) is for whoever can open the socket (its mode and group do that);
+changing anything is for root, the daemon's own user, or the admin group.
+
+Client side: a few blocking calls over http.client for harmonicctl, which
+should start fast and needs no event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import http.client
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from harmonicd.errors import DaemonNotRunning, HarmonicError, StartupError
+
+log = logging.getLogger("harmonicd")
+
+API = "/v1"
+MAX_BODY = 64 << 10  # a control request is a few hundred bytes
+MAX_CONNECTIONS = 64  # beyond this, new connections are closed at once
+REQUEST_DEADLINE = 10.0  # seconds a connection may take, unless it streams events or waits for a job
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python 3.11 lacks the constant
+CHANGING = frozenset({"sync", "exchange", "publish", "verify", "gc"})
+
+
+class Backend(Protocol):
+    """What the daemon offers the control API."""
+
+    async def status(self) -> dict[str, Any]: ...
+    def recent_events(self) -> list[dict[str, Any]]: ...
+    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]: ...
+    def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None: ...
+    def command(self, name: str, args: dict[str, Any]) -> asyncio.Future[Any]: ...
+
+
+@dataclass(frozen=True)
+class Caller:
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+
+def peer_credentials(sock: Any) -> Caller:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    groups: frozenset[int] = frozenset()
+    with contextlib.suppress(OSError):
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    return Caller(pid, uid, gid, groups)
+
+
+def _gid(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def prepare_socket_path(path: str, group: str) -> None:
+    """Make the socket's folder (0750, the socket group) and clear a stale socket.
+
+    Anything other than a socket at the path (a regular file, a symlink
+    planted by someone else) is refused, never removed or followed; so is a
+    socket another daemon still answers on."""
+    folder = os.path.dirname(path)
+    gid = _gid(group)
+    if not os.path.isdir(folder):
+        try:
+            os.makedirs(folder, mode=0o750)
+        except OSError as exc:
+            raise StartupError(f"control socket folder {folder}: cannot create it ({exc.strerror})") from None
+        if gid is not None:
+            with contextlib.suppress(PermissionError):
+                os.chown(folder, -1, gid)
+        os.chmod(folder, 0o750)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise StartupError(f"control socket {path}: a symlink is there; refusing to follow or remove it")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"control socket {path}: something that is not a socket is there; refusing to remove it")
+    if st.st_uid != os.geteuid():
+        raise StartupError(f"control socket {path}: a socket owned by uid {st.st_uid} is there; not ours to remove")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # a socket nobody listens on: left by a daemon that was killed
+    else:
+        raise StartupError(f"control socket {path}: another harmonicd is answering there")
+    finally:
+        probe.close()
+
+
+def bind_socket(path: str, group: str) -> socket.socket:
+    prepare_socket_path(path, group)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o117)  # bind() applies the umask: the socket is born 0660, never wider
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"control socket {path}: cannot bind ({exc.strerror})") from None
+    finally:
+        os.umask(old)
+    gid = _gid(group)
+    if gid is not None:
+        with contextlib.suppress(PermissionError):
+            os.chown(path, -1, gid)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class ControlServer:
+    def __init__(self, backend: Backend, path: str, group: str, admin_group: str) -> None:
+        self.backend = backend
+        self.path = path
+        self.group = group
+        self.admin_group = admin_group
+        self._sock: socket.socket | None = None
+        self._runner: web.AppRunner | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._conns: set[asyncio.BaseTransport] = set()
+        self._long_lived: set[asyncio.BaseTransport] = set()
+        self._refused_logged = 0.0
+
+    # -- lifetime
+    async def start(self) -> None:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        app.router.add_get(f"{API}/status", self._status)
+        app.router.add_get(f"{API}/events", self._events)
+        for name in sorted(CHANGING):
+            app.router.add_post(f"{API}/{name}", self._command)
+        if os.environ.get("HARMONICD_DEBUG_HOOKS") == "1":
+            # Tests only: block the event loop on purpose (the watchdog must notice).
+            app.router.add_post(f"{API}/debug/block-loop", self._block_loop)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=5)
+        await self._runner.setup()
+        self._sock = bind_socket(self.path, self.group)
+        self._accept_task = asyncio.create_task(self._accept(), name="control-accept")
+
+    async def stop(self) -> None:
+        """Stop accepting, end event streams, close every connection."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._sock is not None:
+            self._sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        for t in list(self._conns):
+            t.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        assert self._runner is not None
+        factory = self._runner.server
+        assert factory is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("control socket: %s; pausing accept for a second", exc.strerror)
+                    await asyncio.sleep(1)
+                    continue
+                raise
+            self._conns = {t for t in self._conns if not t.is_closing()}
+            if len(self._conns) >= MAX_CONNECTIONS:
+                conn.close()
+                now = time.monotonic()
+                if now - self._refused_logged > 60:
+                    self._refused_logged = now
+                    log.warning("control socket: more than %d connections at once; closing new ones",
+                                MAX_CONNECTIONS)
+                continue
+            try:
+                transport, _proto = await loop.connect_accepted_socket(factory, conn)
+            except OSError:
+                conn.close()
+                continue
+            self._conns.add(transport)
+            loop.call_later(REQUEST_DEADLINE, self._deadline, transport)
+
+    def _deadline(self, transport: asyncio.BaseTransport) -> None:
+        # A client that trickles its request (or never sends one) is cut off;
+        # event streams and waiting commands marked themselves long-lived.
+        if transport not in self._long_lived and not transport.is_closing():
+            transport.close()
+
+    def _keep_open(self, request: web.Request) -> asyncio.BaseTransport | None:
+        t = request.transport
+        if t is not None:
+            self._long_lived.add(t)
+        return t
+
+    # -- handlers
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.content_type == "application/json":
+                raise
+            return _error(exc.status, exc.reason if exc.status != 413 else
+                          f"request body larger than {MAX_BODY} bytes")
+
+    def _caller(self, request: web.Request) -> Caller:
+        t = request.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is None:
+            raise web.HTTPForbidden(reason="caller unknown")
+        return peer_credentials(sock)
+
+    def _may_change(self, c: Caller) -> bool:
+        if c.uid in (0, os.geteuid()):
+            return True
+        admin = _gid(self.admin_group)
+        return admin is not None and (c.gid == admin or admin in c.groups)
+
+    async def _block_loop(self, request: web.Request) -> web.StreamResponse:
+        seconds = float(request.query.get("seconds", "1"))
+        time.sleep(min(seconds, 30))  # noqa: ASYNC251 - blocking is the point
+        return web.json_response({"blocked_s": seconds})
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(await self.backend.status())
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        transport = self._keep_open(request)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
+        await resp.prepare(request)
+        q = self.backend.subscribe()
+        try:
+            if request.query.get("recent") in ("1", "true", "yes"):
+                for old in self.backend.recent_events():
+                    await resp.write(_line(old))
+            while True:
+                ev = await q.get()
+                if ev is None:
+                    break
+                await resp.write(_line(ev))
+        except ConnectionResetError:
+            pass  # the reader went away
+        finally:
+            self.backend.unsubscribe(q)
+            if transport is not None:
+                self._long_lived.discard(transport)
+        return resp
+
+    async def _command(self, request: web.Request) -> web.StreamResponse:
+        name = request.path.rsplit("/", 1)[-1]
+        caller = self._caller(request)
+        if not self._may_change(caller):
+            log.warning("control: refused %s for uid %d (not root and not in group %s)",
+                        name, caller.uid, self.admin_group)
+            return _error(403, f"permission denied: {name} needs root or membership of group {self.admin_group}")
+        args: dict[str, Any] = {}
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except json.JSONDecodeError:
+                return _error(400, "request body is not valid JSON")
+            except UnicodeDecodeError:
+                return _error(400, "request body is not UTF-8")
+            if not isinstance(body, dict):
+                return _error(400, "request body must be a JSON object")
+            args = body
+        wait = bool(args.pop("wait", False))
+        log.info("control: uid %d asked for %s %s", caller.uid, name, json.dumps(args, sort_keys=True))
+        try:
+            fut = self.backend.command(name, args)
+        except HarmonicError as exc:
+            return _error(400, str(exc))
+        if not wait:
+            return web.json_response({"queued": True, "command": name}, status=202)
+        transport = self._keep_open(request)
+        try:
+            out = await asyncio.shield(fut)
+        finally:
+            if transport is not None:
+                self._long_lived.discard(transport)
+        return web.json_response({"command": name, "ok": out.ok, "summary": out.summary, **out.data},
+                                 status=200 if out.ok else 500)
+
+
+def _line(ev: dict[str, Any]) -> bytes:
+    return json.dumps(ev, separators=(",", ":")).encode() + b"\n"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.unix_path)
+        except BaseException:
+            s.close()
+            raise
+        self.sock = s
+
+
+def _open(path: str, method: str, url: str, body: dict[str, Any] | None,
+          timeout: float | None) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+    conn = _UnixConnection(path, timeout)
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    try:
+        conn.request(method, url, body=data, headers=headers)
+        return conn, conn.getresponse()
+    except (FileNotFoundError, ConnectionRefusedError):
+        conn.close()
+        raise DaemonNotRunning(f"the daemon is not running (no one answers on {path})") from None
+    except PermissionError:
+        conn.close()
+        raise HarmonicError(f"{path}: permission denied (reading needs the socket's group, "
+                            "changing needs root or the admin group)") from None
+    except (TimeoutError, OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise HarmonicError(f"{path}: the daemon did not answer ({exc})") from None
+
+
+def call(path: str, method: str, url: str, body: dict[str, Any] | None = None,
+         timeout: float | None = 10.0) -> tuple[int, dict[str, Any]]:
+    """One request; (HTTP status, decoded JSON body)."""
+    conn, resp = _open(path, method, url, body, timeout)
+    try:
+        raw = resp.read()
+    finally:
+        conn.close()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        raise HarmonicError(f"{path}: the daemon answered something that is not JSON") from None
+    return resp.status, data if isinstance(data, dict) else {"value": data}
+
+
+def events(path: str, recent: bool = False) -> Iterator[dict[str, Any]]:
+    """The event stream, one decoded event at a time, until the daemon ends it."""
+    conn, resp = _open(path, "GET", f"{API}/events" + ("?recent=1" if recent else ""), None, None)
+    try:
+        if resp.status != 200:
+            raise HarmonicError(f"{path}: events refused ({resp.status})")
+        for line in resp:
+            if line.strip():
+                yield json.loads(line)
+    finally:
+        conn.close()
