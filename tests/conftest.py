@@ -26,7 +26,8 @@ HARMONICCTL = [sys.executable, "-m", "harmonicd"]
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("HARMONICD_CONFIG", "HARMONICD_CRASH_AT", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
+    for var in ("HARMONICD_CONFIG", "HARMONICD_CRASH_AT", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+                "JOURNAL_STREAM", "HARMONICD_DEBUG_HOOKS"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -62,9 +63,15 @@ class Server:
         return self.state / "sources" / name
 
 
+def _socket_args(tmp: Path, name: str, extra: tuple[str, ...]) -> tuple[str, ...]:
+    # Each test server gets its own control socket: never the machine's /run/harmonicd.
+    return () if "--socket" in extra else ("--socket", str(tmp / f"{name}-run" / "control.sock"))
+
+
 def make_master(tmp: Path, name: str = "master-1", *extra: str) -> tuple[Server, str]:
     s = Server(name, tmp / f"{name}.toml", tmp / name)
-    key = s.ctl("init", "master", "--id", name, "--state-dir", str(s.state), *extra).stdout.strip()
+    key = s.ctl("init", "master", "--id", name, "--state-dir", str(s.state), *_socket_args(tmp, name, extra),
+                *extra).stdout.strip()
     return s, key
 
 
@@ -72,7 +79,7 @@ def make_school(tmp: Path, master: Server, master_key: str, name: str = "school-
                 *extra: str) -> Server:
     s = Server(name, tmp / f"{name}.toml", tmp / name)
     key = s.ctl("init", "node", "--id", name, "--state-dir", str(s.state), "--master-key", master_key,
-                *extra).stdout.strip()
+                *_socket_args(tmp, name, extra), *extra).stdout.strip()
     master.ctl("enroll", name, key)
     return s
 
