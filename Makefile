@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 # Debian packages the tests use (loop-mounted ext4 images, power-cut copies).
-TEST_DEBS  := e2fsprogs util-linux mount
+TEST_DEBS  := e2fsprogs util-linux mount systemd
 # The tools the benchmarks compare against.
 BENCH_DEBS := rsync zstd
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 import os
 import socket
 
+# A datagram to a receiver whose queue is full blocks the sender. These calls
+# run on the event loop, so a stalled receiver may cost it at most this long
+# (the message is then dropped) instead of hanging the daemon, SIGTERM included.
+SEND_TIMEOUT = 2.0
+
 
 class Notifier:
     def __init__(self, environ: dict[str, str] | None = None) -> None:
@@ -45,9 +50,11 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.settimeout(SEND_TIMEOUT)
             self._sock.sendto(msg, self._addr)
         except OSError:
-            # systemd gone or the socket full: a status line is not worth dying for.
+            # systemd gone, or its queue still full after SEND_TIMEOUT: a
+            # status line is not worth dying (or hanging) for.
             pass
 
     def ready(self, status: str) -> None:
