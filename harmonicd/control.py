@@ -22,6 +22,7 @@ import http.client
 import json
 import logging
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from harmonicd.errors import DaemonNotRunning, HarmonicError, StartupError
 
@@ -38,7 +40,8 @@ log = logging.getLogger("harmonicd")
 
 API = "/v1"
 MAX_BODY = 64 << 10  # a control request is a few hundred bytes
-MAX_CONNECTIONS = 64  # beyond this, new connections are closed at once
+MAX_CONNECTIONS = 64  # beyond this, the oldest idle connection is closed, or else the new one
+MAX_STREAMS = 32  # event streams at once: they never end by themselves, so they get at most half
 REQUEST_DEADLINE = 10.0  # seconds a connection may take, unless it streams events or waits for a job
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python 3.11 lacks the constant
 CHANGING = frozenset({"sync", "exchange", "publish", "verify", "gc"})
@@ -64,11 +67,63 @@ class Caller:
 
 def peer_credentials(sock: Any) -> Caller:
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    groups: frozenset[int] = frozenset()
-    with contextlib.suppress(OSError):
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+    try:
+        # Python caps getsockopt's buffer at 1024 bytes: 256 groups, or ERANGE.
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        groups = _groups_of(uid, gid)  # more groups than that, or an old kernel: ask the user database
     return Caller(pid, uid, gid, groups)
+
+
+def _groups_of(uid: int, gid: int) -> frozenset[int]:
+    try:
+        return frozenset(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except (KeyError, OSError):
+        return frozenset()
+
+
+class _Throttle:
+    """At most `burst` log lines per `window` seconds: a caller must not be able to flood the journal."""
+
+    def __init__(self, burst: int, window: float) -> None:
+        self.burst, self.window = burst, window
+        self._start, self._count = -window, 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self._start > self.window:
+            self._start, self._count = now, 0
+        self._count += 1
+        return self._count <= self.burst
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a 10 MB line, too many headers, not HTTP at
+    all) as an error with a traceback. For us that is an expected refusal: one warning
+    line, throttled. Anything else it logs (a bug in a handler) keeps its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = _Throttle(5, 60)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        if not self.throttle.allow():
+            return False
+        reason = (exc.message or "").split(":", 1)[0].strip()
+        reason = "".join(ch if ch.isprintable() else "?" for ch in reason)[:100] or type(exc).__name__
+        record.msg, record.args = "control: malformed request refused (%d %s)", (exc.code, reason)
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+http_log = logging.getLogger("harmonicd.http")
+http_log.addFilter(_MalformedRequests())
 
 
 def _gid(name: str) -> int | None:
@@ -146,9 +201,11 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._accept_task: asyncio.Task[None] | None = None
-        self._conns: set[asyncio.BaseTransport] = set()
+        self._conns: dict[asyncio.BaseTransport, None] = {}  # in the order they came
+        self._busy: set[asyncio.BaseTransport] = set()  # a request is being handled
         self._long_lived: set[asyncio.BaseTransport] = set()
-        self._refused_logged = 0.0
+        self._refusals = _Throttle(1, 60)
+        self._cutoffs = _Throttle(1, 60)
 
     # -- lifetime
     async def start(self) -> None:
@@ -160,7 +217,8 @@ class ControlServer:
         if os.environ.get("HARMONICD_DEBUG_HOOKS") == "1":
             # Tests only: block the event loop on purpose (the watchdog must notice).
             app.router.add_post(f"{API}/debug/block-loop", self._block_loop)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=5)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=5,
+                                     logger=http_log)
         await self._runner.setup()
         self._sock = bind_socket(self.path, self.group)
         self._accept_task = asyncio.create_task(self._accept(), name="control-accept")
@@ -195,28 +253,39 @@ class ControlServer:
                     await asyncio.sleep(1)
                     continue
                 raise
-            self._conns = {t for t in self._conns if not t.is_closing()}
-            if len(self._conns) >= MAX_CONNECTIONS:
+            self._conns = {t: None for t in self._conns if not t.is_closing()}
+            if len(self._conns) >= MAX_CONNECTIONS and not self._make_room():
                 conn.close()
-                now = time.monotonic()
-                if now - self._refused_logged > 60:
-                    self._refused_logged = now
-                    log.warning("control socket: more than %d connections at once; closing new ones",
-                                MAX_CONNECTIONS)
                 continue
             try:
                 transport, _proto = await loop.connect_accepted_socket(factory, conn)
             except OSError:
                 conn.close()
                 continue
-            self._conns.add(transport)
+            self._conns[transport] = None
             loop.call_later(REQUEST_DEADLINE, self._deadline, transport)
+
+    def _make_room(self) -> bool:
+        """At the limit: close the oldest connection that has not sent a request yet (or sits
+        idle between two), so that clients holding connections open cannot lock out an
+        admin's `status`. False when every connection is busy: the new one is refused."""
+        if self._refusals.allow():
+            log.warning("control socket: more than %d connections at once; closing idle or new ones",
+                        MAX_CONNECTIONS)
+        for t in self._conns:
+            if t not in self._busy and t not in self._long_lived:
+                t.close()
+                del self._conns[t]
+                return True
+        return False
 
     def _deadline(self, transport: asyncio.BaseTransport) -> None:
         # A client that trickles its request (or never sends one) is cut off;
         # event streams and waiting commands marked themselves long-lived.
         if transport not in self._long_lived and not transport.is_closing():
             transport.close()
+            if self._cutoffs.allow():
+                log.warning("control socket: a connection took longer than %g s; closed it", REQUEST_DEADLINE)
 
     def _keep_open(self, request: web.Request) -> asyncio.BaseTransport | None:
         t = request.transport
@@ -228,13 +297,23 @@ class ControlServer:
     @web.middleware
     async def _errors(self, request: web.Request,
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        t = request.transport
+        if t is not None:
+            self._busy.add(t)
         try:
             return await handler(request)
+        except ConnectionResetError:
+            # The caller went away (or was cut off at the deadline) while we read its request:
+            # nobody is left to answer, and it is no error of ours.
+            return _error(400, "connection lost")
         except web.HTTPException as exc:
             if exc.content_type == "application/json":
                 raise
             return _error(exc.status, exc.reason if exc.status != 413 else
                           f"request body larger than {MAX_BODY} bytes")
+        finally:
+            if t is not None:
+                self._busy.discard(t)
 
     def _caller(self, request: web.Request) -> Caller:
         t = request.transport
@@ -258,6 +337,8 @@ class ControlServer:
         return web.json_response(await self.backend.status())
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
+        if len(self._long_lived) >= MAX_STREAMS:
+            return _error(503, f"too many event streams at once (at most {MAX_STREAMS})")
         transport = self._keep_open(request)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
         await resp.prepare(request)
