@@ -37,13 +37,16 @@ from harmonicd.errors import StoreError
 from harmonicd.store import durable
 from harmonicd.store.db import Collection
 from harmonicd.store.faults import crash_point
-from harmonicd.store.objects import WRITERS, Batch
+from harmonicd.store.objects import Batch
 from harmonicd.store.store import Store
 
 log = logging.getLogger("harmonicd.deploy")
 
 
 STAMP = ".stamp"
+
+
+WRITERS = 3  # threads writing deployed files: creation and page-cache copies scale across them
 
 
 def trees_dir(store: Store, name: str) -> str:
@@ -95,7 +98,10 @@ def deploy(store: Store, coll: Collection, fresh: set[ObjectId] | frozenset[Obje
     shutil.rmtree(tmp, ignore_errors=True)
     if os.path.isdir(final):
         shutil.rmtree(final)
-    need = [0]  # bytes of file content the new tree needs (for a disk-full message)
+    # Bytes of file content the new tree needs, for a disk-full message: the
+    # release's size until planning knows what can be linked from the old tree.
+    row = store.db.release(coll.name, coll.seq)
+    need = [row.size if row is not None and row.root == root else 0]
     try:
         os.mkdir(tmp, 0o755)
         _write_tree(store, root, tmp, prev_root, prev_dir, need, fresh)
@@ -112,7 +118,9 @@ def deploy(store: Store, coll: Collection, fresh: set[ObjectId] | frozenset[Obje
         crash_point("deploy-switched")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise durable.disk_error(exc, f"deploying {coll.name}", need[0], base) from exc
+        raise durable.disk_error(exc, f"deploying {coll.name}", need[0], base,
+                                 "the previous release stays in place, and the new one, already stored, "
+                                 "is deployed once there is room") from exc
     for other in os.listdir(base):
         p = os.path.join(base, other)
         if p != final and other != STAMP:
@@ -208,19 +216,21 @@ def _linkable(path: str, size: int, ref_ctime: int) -> bool:
 
 def write_file(store: Store, e: Entry, target: str,
                fresh: set[ObjectId] | frozenset[ObjectId] = frozenset()) -> None:
-    def blob(oid: ObjectId) -> bytes:
+    def blob(oid: ObjectId) -> None:
         if oid in fresh:
-            return store.objects.read_unverified(oid, BLOB)
-        return store.objects.get_kind(oid, BLOB)
+            # Verified by this process moments ago: copied by the kernel, unread.
+            store.objects.copy_unverified(oid, BLOB, fd)
+        else:
+            _write_all(fd, store.objects.get_kind(oid, BLOB))
 
     mode = 0o755 if e.flags & FLAG_EXEC else 0o644
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         if e.type == T_BLOB:
-            _write_all(fd, blob(e.id))
+            blob(e.id)
         elif e.type == T_RECIPE:
             for cid, _n in store.recipe(e.id):
-                _write_all(fd, blob(cid))
+                blob(cid)
         os.fchmod(fd, mode)
     finally:
         os.close(fd)

@@ -175,6 +175,7 @@ class GcReport:
     kept: int = 0
     removed: int = 0
     removed_bytes: int = 0
+    freed_bytes: int = 0  # segment space given back to the file system
     releases_dropped: int = 0
 
 
@@ -215,16 +216,14 @@ def gc(store: Store) -> GcReport:
         keep |= held
     # Objects of incomplete transfers whose trees have not arrived yet.
     keep |= db.partial_ids()
-    for oid in list(store.objects.ids()):
+    dead = []
+    for oid in store.objects.ids():
         if oid in keep:
             rep.kept += 1
-            continue
-        try:
-            rep.removed_bytes += store.objects.size(oid)
-        except OSError:
-            pass
-        store.objects.delete(oid)
-        rep.removed += 1
+        else:
+            dead.append(oid)
+    rep.removed, rep.removed_bytes = store.objects.remove(dead)
+    rep.freed_bytes = store.objects.compact()
     if rep.removed:
         log.info("gc removed %d objects (%d bytes)", rep.removed, rep.removed_bytes)
     deploy_mod.converge(store)

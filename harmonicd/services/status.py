@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -87,16 +86,5 @@ def _schools(store: Store) -> list[dict[str, Any]]:
 
 
 def store_size_of(store: Store) -> dict[str, int]:
-    n = total = 0
-    root = store.objects.root
-    try:
-        for shard in os.listdir(root):
-            if len(shard) != 2:
-                continue
-            with os.scandir(os.path.join(root, shard)) as it:
-                for d in it:
-                    n += 1
-                    total += d.stat().st_size
-    except FileNotFoundError:
-        pass
+    n, total = store.objects.totals()
     return {"objects": n, "bytes": total}

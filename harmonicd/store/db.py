@@ -17,15 +17,16 @@ Tables:
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from harmonicd.errors import StateError
+from harmonicd.errors import DiskFullError, StateError
 
-GENERATION = 1
+GENERATION = 2  # 2: objects in segment files, indexed in the objects table
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -145,6 +146,9 @@ class StateDB:
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
+            full = _full_disk(os.path.dirname(path))
+            if full:
+                raise DiskFullError(f"disk full: the state database {path} cannot be opened ({full})") from exc
             raise StateError(f"state database {path} cannot be opened: {exc}") from exc
 
     def close(self) -> None:
@@ -289,6 +293,18 @@ class StateDB:
 
     def check_integrity(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _full_disk(folder: str) -> str | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_files and st.f_favail == 0:
+        return "no free inodes: delete files on that file system"
+    if st.f_bavail == 0:
+        return "no free space: delete files on that file system"
+    return None
 
 
 def check_generation(db: StateDB) -> None:

@@ -63,7 +63,8 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(folder)
 
 
-def disk_error(exc: OSError, doing: str, needed: int, where: str) -> StoreError:
+def disk_error(exc: OSError, doing: str, needed: int, where: str,
+               outcome: str = "nothing was applied") -> StoreError:
     """Turn ENOSPC/EDQUOT into a message that says how much space is needed."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         no_inodes = False
@@ -79,7 +80,7 @@ def disk_error(exc: OSError, doing: str, needed: int, where: str) -> StoreError:
         have = f", {mib(free)} free" if free >= 0 else ""
         if no_inodes:
             have += " but no room for more files (no free inodes; delete files or remake with more)"
-        return DiskFullError(f"disk full while {doing} in {where}: {need}{have}; nothing was applied")
+        return DiskFullError(f"disk full while {doing} in {where}: {need}{have}; {outcome}")
     return StoreError(f"{doing} failed in {where}: {exc.strerror or exc}")
 
 

@@ -17,9 +17,9 @@ _count = int(_nth) if _nth.isdigit() else 1
 _seen = 0
 
 POINTS = (
-    "batch-staged",       # objects written to incoming/, before the first syncfs
-    "batch-renaming",     # half of a batch's objects renamed into place
-    "batch-committed",    # objects durable, before the database commit
+    "batch-staged",       # objects written to a batch's new segments, before their fsync
+    "batch-indexing",     # segments durable, before the transaction that indexes them
+    "batch-committed",    # objects durable and indexed, before the release's database commit
     "db-committed",       # release live in the database, before deployment
     "deploy-tree-written",  # new tree folder complete, before the link switch
     "deploy-switched",    # link switched, before old trees are removed

@@ -5,12 +5,12 @@ State folder layout (docs/state-dir.md)::
     lock              flock'd by whoever changes anything (the daemon or a command)
     key               this server's ed25519 seed (0600)
     state.db          SQLite (WAL)
-    objects/          object files, objects/incoming/ for uncommitted batches
+    objects/segments/ object records in segment files (indexed in state.db)
     deploy/           default home of deployed replicas (config deploy.dir)
     sources/          default source folders of a school's stats and backup
 
 Opening with ``lock=True`` waits for the lock (never fails as "busy") and
-removes uncommitted object batches; bringing deployments to the release the
+removes segments of uncommitted object batches; bringing deployments to the release the
 database says is live is services.maintenance.recover, which every command
 that changes state runs first.
 """
@@ -54,8 +54,9 @@ class Store:
             # Blocks until the daemon or another command is done: INTERFACE.md
             # asks commands to wait, never to fail as "busy".
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self.objects = ObjectStore(os.path.join(self.dir, "objects"))
-        self.db = StateDB(os.path.join(self.dir, "state.db"))
+        db_path = os.path.join(self.dir, "state.db")
+        self.db = StateDB(db_path)
+        self.objects = ObjectStore(os.path.join(self.dir, "objects"), self.db.conn, db_path)
         self._key: keys.SigningKey | None = None
         if not create:
             check_generation(self.db)
@@ -64,6 +65,7 @@ class Store:
 
     # -- lifetime
     def close(self) -> None:
+        self.objects.close()
         self.db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -15,6 +15,7 @@ import pytest
 
 from tests.bad_input.helpers import SCHOOL_ID, assert_unchanged, exchange, inbox, refusal, snapshot
 from tests.conftest import make_master, make_school, write_tree
+from tests.crash.helpers import incoming_batches
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root"),
@@ -60,7 +61,7 @@ def test_disk_fills_during_import(tmp_path: Path, small_disk: Path) -> None:
     assert free > 0, "free space is measured after the staged objects are removed"
     assert_unchanged(s, before)
     assert pack.exists(), "the pack stays on the stick for the next visit"
-    assert not any((s.state / "objects" / "incoming").iterdir()), "staged objects are cleaned up"
+    assert not incoming_batches(s), "staged objects are cleaned up"
     # Once there is room, the same stick works.
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     p = exchange(s, stick)

@@ -145,8 +145,13 @@ def ctl_popen(server: Server, *args: str, env: dict[str, str] | None = None) -> 
 
 
 def incoming_batches(server: Server) -> list[str]:
-    d = server.state / "objects" / "incoming"
-    return sorted(os.listdir(d)) if d.is_dir() else []
+    """Segment files no index row points into: a batch that was never committed."""
+    d = server.state / "objects" / "segments"
+    if not d.is_dir():
+        return []
+    with server.store(lock=False) as st:
+        live = {row[0] for row in st.db.conn.execute("SELECT DISTINCT seg FROM objects")}
+    return sorted(n for n in os.listdir(d) if not (n.endswith(".seg") and int(n[:-4]) in live))
 
 
 def assert_old_or_new(server: Server, old: str, new: str, what: str = "content") -> str:

@@ -53,13 +53,13 @@ def test_school_import_crash_point(world: World, point: str) -> None:
     if hits == 0:
         pytest.skip(f"{point} is not reached by a school's importing exchange")
     # A crash before the database commit leaves the old release, after it the new.
-    if point in ("batch-staged", "batch-renaming"):
+    if point in ("batch-staged", "batch-indexing"):
         assert seen["old"] >= 1
     if point in ("deploy-switched", "pack-imported"):
         assert seen["new"] == hits
 
 
-@pytest.mark.parametrize("point", ["batch-staged", "batch-renaming", "batch-committed"])
+@pytest.mark.parametrize("point", ["batch-staged", "batch-indexing", "batch-committed"])
 def test_master_publish_crash_point(world: World, point: str, tmp_path: Path) -> None:
     """A publish killed between durable steps publishes nothing; the next publish works."""
     w = world

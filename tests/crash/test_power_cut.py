@@ -33,7 +33,7 @@ from tests.crash.helpers import (
 # "end": the exchange finishes, and the power goes right after (it removed the
 # pack from the stick, so what it applied must be on the disk by then).
 SAMPLES: list[str | None] = ["db-committed", "deploy-tree-written", "batch-committed", "deploy-switched",
-                             "pack-imported", "batch-renaming", "batch-staged", "batch-committed:2",
+                             "pack-imported", "batch-indexing", "batch-staged", "batch-committed:2",
                              "pack-part-written", "end", "end", *[None] * 8]
 
 

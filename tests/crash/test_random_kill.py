@@ -27,18 +27,21 @@ RUNS = 20
 @pytest.mark.long
 def test_random_sigkill_during_import(tmp_path: Path) -> None:
     w = World(tmp_path / "w", files=500, big=10, school_volume=None, master_volume="2MiB")
-    # How long an undisturbed import takes, to spread the kills over it.
-    w.reset()
-    t0 = time.monotonic()
-    p = ctl_popen(w.s, "exchange", str(w.stick))
-    _out, err = p.communicate(timeout=300)
-    took = time.monotonic() - t0
-    assert p.returncode == 0, err
+    # How long an undisturbed import takes (the fastest of three: the first runs
+    # with a cold cache), to spread the kills over it.
+    took = float("inf")
+    for _ in range(3):
+        w.reset()
+        t0 = time.monotonic()
+        p = ctl_popen(w.s, "exchange", str(w.stick))
+        _out, err = p.communicate(timeout=300)
+        took = min(took, time.monotonic() - t0)
+        assert p.returncode == 0, err
     rng = random.Random(20261127)
     outcomes = {"old": 0, "new": 0, "finished": 0}
     for i in range(RUNS):
         w.reset()
-        delay = rng.uniform(0.05, took * 1.05)
+        delay = rng.uniform(0.05, took * 0.95)
         p = ctl_popen(w.s, "exchange", str(w.stick))
         rc = kill_after(p, delay)
         if rc == 0:
