@@ -129,8 +129,9 @@ def validate(data: dict[str, Any], path: str) -> Config:
 
     server = table("server", {"id", "role", "state_dir", "socket", "listen", "socket_group", "admin_group",
                               "stop_grace_seconds"})
+    sid_text = text(server, "server", "id")
     try:
-        sid = check_server_id(text(server, "server", "id"))
+        sid = check_server_id(sid_text)
     except HarmonicError as exc:
         raise err("server.id", str(exc)) from None
     role = text(server, "server", "role")

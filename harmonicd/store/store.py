@@ -91,7 +91,9 @@ class Store:
                 with open(path, "rb") as f:
                     seed = bytes.fromhex(f.read().decode().strip())
                 self._key = keys.SigningKey(seed)
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
+                raise StateError(f"cannot read this server's key {path}: {exc.strerror}") from exc
+            except ValueError as exc:
                 raise StateError(f"cannot read this server's key {path}: {exc}") from exc
         return self._key
 

@@ -144,8 +144,6 @@ def test_config_from_environment_variable(tmp_path: Path) -> None:
     refused(p, str(cfg), "server.id")
 
 
-@pytest.mark.xfail(strict=True, reason="config.validate wraps the ConfigError of server.id's type check in a "
-                   "second one, naming the file and key twice")
 def test_server_id_of_the_wrong_type_named_once(school: Server) -> None:
     edit(school, "server", "id", "3")
     line = refused(run_daemon(school.config), str(school.config), "server.id")
