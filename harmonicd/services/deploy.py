@@ -103,7 +103,7 @@ def deploy(store: Store, coll: Collection, fresh: set[ObjectId] | frozenset[Obje
     row = store.db.release(coll.name, coll.seq)
     need = [row.size if row is not None and row.root == root else 0]
     try:
-        os.mkdir(tmp, 0o755)
+        _mkdir(tmp)
         _write_tree(store, root, tmp, prev_root, prev_dir, need, fresh)
         os.rename(tmp, final)
         # Everything in the new tree reaches the disk before the link can point at it.
@@ -194,7 +194,7 @@ def _plan_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | No
         old = prev.get(e.name)
         old_path = os.path.join(prev_dir, e.name) if old is not None and prev_dir else None
         if e.type == T_DIR:
-            os.mkdir(target, 0o755)
+            _mkdir(target)
             same = old is not None and old.type == T_DIR and old_path is not None
             _plan_tree(store, e.id, target, old.id if same and old else None,
                        old_path if same else None, jobs, ref_ctime)
@@ -204,6 +204,13 @@ def _plan_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | No
             os.link(old_path, target, follow_symlinks=False)
             continue
         jobs.append((e, target))
+
+
+def _mkdir(path: str) -> None:
+    # Deployed folders are 0755 whatever the umask (a web server reads them),
+    # as deployed files get their mode explicitly.
+    os.mkdir(path, 0o755)
+    os.chmod(path, 0o755)
 
 
 def _linkable(path: str, size: int, ref_ctime: int) -> bool:
