@@ -290,8 +290,10 @@ def _sync(cfg: Config, wait: bool) -> int:
         return 0
     if "error" in out:
         raise HarmonicError(out["error"])
+    if not out.get("ok"):
+        raise HarmonicError(f"sync failed: {out.get('summary', 'no reason given')}")
     print(out.get("summary", ""))
-    return 0 if out.get("ok") else 1
+    return 0
 
 
 def _watch(cfg: Config) -> int:

@@ -198,6 +198,8 @@ def validate(data: dict[str, Any], path: str) -> Config:
         quota = parse_size(publish.get("pending_quota", DEFAULT_PENDING_QUOTA))
     except ValueError as exc:
         raise err("publish.pending_quota", str(exc)) from None
+    if quota <= 0:
+        raise err("publish.pending_quota", "must be more than 0 (automatic publishing stops at the quota)")
     stop_grace = seconds(server, "server", "stop_grace_seconds", DEFAULT_STOP_GRACE, 0, 3600)
     socket = text(server, "server", "socket", DEFAULT_SOCKET)
     if not os.path.isabs(socket):

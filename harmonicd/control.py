@@ -43,6 +43,7 @@ MAX_BODY = 64 << 10  # a control request is a few hundred bytes
 MAX_CONNECTIONS = 64  # beyond this, the oldest idle connection is closed, or else the new one
 MAX_STREAMS = 32  # event streams at once: they never end by themselves, so they get at most half
 REQUEST_DEADLINE = 10.0  # seconds a connection may take, unless it streams events or waits for a job
+STREAM_KEEPALIVE = 30.0  # seconds between empty lines on a quiet event stream
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python 3.11 lacks the constant
 CHANGING = frozenset({"sync", "exchange", "publish", "verify", "gc"})
 
@@ -217,8 +218,10 @@ class ControlServer:
         if os.environ.get("HARMONICD_DEBUG_HOOKS") == "1":
             # Tests only: block the event loop on purpose (the watchdog must notice).
             app.router.add_post(f"{API}/debug/block-loop", self._block_loop)
+        # handler_cancellation: a handler whose client went away is cancelled
+        # (an event stream must not hold one of the MAX_STREAMS places).
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=5,
-                                     logger=http_log)
+                                     logger=http_log, handler_cancellation=True)
         await self._runner.setup()
         self._sock = bind_socket(self.path, self.group)
         self._accept_task = asyncio.create_task(self._accept(), name="control-accept")
@@ -348,7 +351,11 @@ class ControlServer:
                 for old in self.backend.recent_events():
                     await resp.write(_line(old))
             while True:
-                ev = await q.get()
+                try:
+                    ev = await asyncio.wait_for(q.get(), STREAM_KEEPALIVE)
+                except TimeoutError:
+                    await resp.write(b"\n")  # an empty line: finds a reader that is gone
+                    continue
                 if ev is None:
                     break
                 await resp.write(_line(ev))

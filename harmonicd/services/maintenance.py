@@ -1,7 +1,7 @@
 """verify and gc: the store's self-check and its housekeeping.
 
-``verify`` is the invariant every crash test checks: each object file
-rehashes to its name, each kept release is complete, each deployed folder
+``verify`` is the invariant every crash test checks: each stored object
+rehashes to its id, each kept release is complete, each deployed folder
 holds exactly the files of its tree with the right bytes, and SQLite's
 integrity check passes.
 

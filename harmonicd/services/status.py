@@ -15,7 +15,7 @@ def _iso(ts: int | None) -> str | None:
 
 def status(store: Store, store_size: dict[str, int] | None = None) -> dict[str, Any]:
     """The status model; ``store_size`` given by a caller that keeps it (the
-    daemon: counting object files takes a while on a big store)."""
+    daemon, which refreshes it now and then)."""
     from harmonicd.services.publish import over_quota, unacked_bytes
 
     cfg = store.cfg

@@ -1,8 +1,9 @@
 """The state database (SQLite, WAL, synchronous=FULL).
 
 One transaction is one commit point: a release goes live, a peer's state is
-recorded, an acknowledgement is taken, all or nothing. Object files are made
-durable *before* the transaction that references them (store/objects.py).
+recorded, an acknowledgement is taken, all or nothing. Objects are made
+durable in their segment files *before* the transaction that indexes them,
+and indexed before any release references them (store/objects.py).
 
 Tables:
 
@@ -12,6 +13,7 @@ Tables:
 * ``releases``     every signed release kept: live, archived, unacknowledged or incomplete
 * ``statcache``    path -> (size, mtime, ctime, inode, id) for publishing without re-reading
 * ``packs``        pack volumes read and written (re-inserted sticks are skipped quietly)
+* ``objects``      object id -> kind, segment file, offset, length (store/objects.py)
 * ``partial``      objects received for releases not yet complete (kept by gc, listed in requests)
 """
 
@@ -156,13 +158,8 @@ class StateDB:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.conn, self.path):
             yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
 
     # -- meta
     def get_meta(self, key: str) -> str | None:
@@ -293,6 +290,27 @@ class StateDB:
 
     def check_integrity(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, path: str) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; SQLite's "disk full"
+    becomes a DiskFullError that says so (the transaction left nothing behind)."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise DiskFullError(f"disk full while writing the state database {path}; nothing was changed") from exc
+        raise
 
 
 def _full_disk(folder: str) -> str | None:

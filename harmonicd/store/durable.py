@@ -1,9 +1,10 @@
 """Durable file-system steps, in one place so every commit point follows the
 same rules (RELIABILITY.md §3.6): write a temp file in the target folder,
 fsync it, rename it over the target, fsync the folder. Where many files land
-at once (a pack import, a first publish) the per-file fsyncs are replaced by
-one ``syncfs`` of the file system before the renames and one after; a commit
-never becomes visible before the data it references is on disk.
+at once (a deployed tree) the per-file fsyncs are replaced by one ``syncfs``
+of the file system; objects go into a few segment files, each fsynced (see
+store/objects.py). A commit never becomes visible before the data it
+references is on disk.
 
 A failed fsync leaves data in an unknown state: we never retry it and report
 success; the caller's operation fails and is redone from the source.

@@ -37,6 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from harmonicd.core.objects import KIND_NAMES, ObjectId, object_id, short
 from harmonicd.errors import IntegrityError
 from harmonicd.store import durable
+from harmonicd.store.db import transaction
 from harmonicd.store.faults import crash_point
 
 MAGIC = b"HRMNSEG1"
@@ -244,17 +245,12 @@ class ObjectStore:
     def remove(self, oids: Iterable[ObjectId]) -> tuple[int, int]:
         """Forget objects (one transaction); their bytes are reclaimed by compact()."""
         n = total = 0
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.conn, self.db_path):
             for oid in oids:
                 row = self.conn.execute("DELETE FROM objects WHERE id = ? RETURNING len", (oid,)).fetchone()
                 if row is not None:
                     n += 1
                     total += row[0]
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         return n, total
 
     def compact(self) -> int:
@@ -431,16 +427,11 @@ class Batch:
             crash_point("batch-indexing")
             conn = self.store.conn
             rows = [(oid, self.kinds[oid], seg, off, self.pending[oid]) for oid, (seg, off) in self.where.items()]
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(conn, self.store.db_path):
                 # INSERT OR REPLACE: an object sent again (or moved by compaction)
                 # is found at its newest, durable copy.
                 conn.executemany("INSERT OR REPLACE INTO objects (id, kind, seg, off, len) VALUES (?, ?, ?, ?, ?)",
                                  rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             crash_point("batch-committed")
             self._close_fds()
             self.closed = True
