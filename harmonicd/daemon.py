@@ -214,6 +214,9 @@ class Daemon:
         src = self.cfg.sources.get(name)
         if src is None:
             return
+        if self.watcher is not None:
+            # A folder removed and made anew (or replaced) since: watch the new one.
+            self.watcher.refresh()
         quiet = self.cfg.quiet_seconds
 
         def work(store: Store, progress: Callable[[int], None]) -> Outcome:
@@ -269,10 +272,12 @@ class Daemon:
         st["activity"] = self.activity.snapshot()
         st["queued"] = [{"kind": j.kind, "detail": j.detail} for j in list(self.jobs.queue)]
         st["last"] = dict(self.activity.last)
-        st["warnings"] = sorted(self.activity.warnings.values())
+        # This runs in a status thread: copy what the loop and the job thread change (one C-level step each).
+        st["warnings"] = sorted(self.activity.warnings.copy().values())
         st["pid"] = os.getpid()
         st["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
-        st["watching"] = sorted(self.watcher.watching) if self.watcher else []
+        watcher = self.watcher
+        st["watching"] = sorted(watcher.watching) if watcher else []
         st["media"] = {"devices": list(self.cfg.media_devices), "sticks": []}
         return st
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,10 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._closed = False
         self.on_change: Callable[[], None] | None = None  # a job started or ended (systemd STATUS=)
+        # Our own thread, not the loop's default executor: asyncio.run() waits for
+        # the default executor's threads at exit, so a job abandoned at stop
+        # (server.stop_grace_seconds) would hold the exit until it finished.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="job")
 
     def submit(self, kind: str, detail: str, work: Work, key: str | None = None,
                total: int | None = None) -> asyncio.Future[Outcome]:
@@ -92,7 +97,7 @@ class JobRunner:
             self.on_change()
         cfg = self.config()
         try:
-            out = await asyncio.to_thread(self._execute, cfg, job)
+            out = await asyncio.get_running_loop().run_in_executor(self._thread, self._execute, cfg, job)
         except HarmonicError as exc:
             out = Outcome(str(exc), ok=False)
         except Exception as exc:  # a bug: log it whole, keep the daemon running
@@ -117,8 +122,10 @@ class JobRunner:
             return job.work(store, self.activity.progress)
 
     def close(self) -> None:
-        """No new jobs; queued ones are answered as not done."""
+        """No new jobs; queued ones are answered as not done. A job still running
+        goes on in its thread until it ends or the process exits."""
         self._closed = True
+        self._thread.shutdown(wait=False)
         while self.queue:
             job = self.queue.popleft()
             if not job.future.done():
