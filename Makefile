@@ -41,6 +41,7 @@ lint: venv
 bench: venv
 	sh scripts/deb-deps.sh $(BENCH_DEBS)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/daemon.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,10 +8,12 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -118,17 +120,15 @@ class Server:
         return os.path.join(self.state, "deploy", "content")
 
     def object_count(self) -> tuple[int, int]:
-        """Object files in the store and their total size."""
-        n = size = 0
-        root = os.path.join(self.state, "objects")
-        for shard in os.listdir(root):
-            if len(shard) != 2:
-                continue
-            with os.scandir(os.path.join(root, shard)) as it:
-                for d in it:
-                    n += 1
-                    size += d.stat().st_size
-        return n, size
+        """Objects in the store and their total payload bytes (the state database's
+        index of the segment files, opened read-only)."""
+        db = os.path.join(self.state, "state.db")
+        conn = sqlite3.connect(f"file:{urllib.request.pathname2url(db)}?mode=ro", uri=True)
+        try:
+            n, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(len), 0) FROM objects").fetchone()
+        finally:
+            conn.close()
+        return int(n), int(size)
 
 
 def make_pair(base: str, chunk: tuple[int, int, int] | None = None) -> tuple[Server, Server, str]:
