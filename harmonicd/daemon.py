@@ -76,11 +76,18 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.activity.bind(loop)
         self.jobs.on_change = self._job_changed
+        # The socket first: a second daemon on the same socket must refuse before
+        # it waits for the store's lock. Status answers during recovery; READY=1
+        # (and the jobs) wait for it.
+        await self.control.start()
         try:
             await loop.run_in_executor(self._pool, self._startup_checks)
-        except HarmonicError as exc:
+        except (StateError, ConfigError) as exc:
+            await self.control.stop()
             raise StartupError(str(exc)) from None
-        await self.control.start()
+        except BaseException:
+            await self.control.stop()
+            raise
         for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.stop, why)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
@@ -128,9 +135,11 @@ class Daemon:
             try:
                 await asyncio.wait_for(asyncio.shield(running.future), self.cfg.stop_grace_seconds)
             except TimeoutError:
-                # Abandoned mid-way: crash-safe by construction, recovered and redone at the next start.
-                log.warning("%s %s did not finish in %g s; stopping anyway (it is redone at the next start)",
-                            running.kind, running.detail, self.cfg.stop_grace_seconds)
+                # Abandoned mid-way: crash-safe by construction, recovered at the next start.
+                again = ("published again at the next start" if running.kind == "publish" and
+                         running.key.startswith("publish:") else "nothing half-done is kept; ask for it again")
+                log.warning("%s %s did not finish in %g s; stopping anyway (%s)",
+                            running.kind, running.detail, self.cfg.stop_grace_seconds, again)
                 self.abandoned = True
 
     abandoned = False
@@ -167,6 +176,8 @@ class Daemon:
 
     def _job_changed(self) -> None:
         cur = self.activity.current
+        if cur is None:
+            self._store_size_at = 0.0  # a job ended: the next status counts the store again
         self.notifier.status(f"{self.cfg.role} {self.cfg.id}: "
                              + (f"{cur.kind} {cur.detail}" if cur else "idle"))
 
@@ -176,7 +187,8 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        fixed = [k for k in ("id", "role", "state_dir", "socket") if getattr(new, k) != getattr(self.cfg, k)]
+        fixed = [k for k in ("id", "role", "state_dir", "socket", "socket_group")
+                 if getattr(new, k) != getattr(self.cfg, k)]
         if fixed:
             log.warning("reload: %s changed; that takes a restart (the rest is applied now)", ", ".join(fixed))
             new = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in fixed})
@@ -311,8 +323,10 @@ class Daemon:
             coll, folder, target = text("collection"), text("dir"), text("for", required=False)
             assert coll is not None
             assert folder is not None
+            if not os.path.isabs(folder):
+                raise UsageError(f"publish: {folder!r} must be an absolute path")
             return self.jobs.submit("publish", coll, _publish_work(coll, folder, target),
-                                    key=f"publish-explicit:{coll}:{target}")
+                                    key=f"publish-explicit:{coll}:{target}:{folder}")
         if name == "verify":
             return self.jobs.submit("verify", "store", _verify_work)
         if name == "gc":

