@@ -334,7 +334,7 @@ def bench(a: argparse.Namespace, rep: Report) -> None:
 
         # -- the big import
         print(f"\n--- import of {R.mib(nbytes)} by the daemon", flush=True)
-        subprocess.run(["sync"], check=True)
+        h.settle()
         pub = m.ctl("publish", "content", v1)
         req = s.ctl("exchange", stick)  # in this process's child, while the daemon runs
         exp = m.ctl("exchange", stick)
@@ -344,7 +344,7 @@ def bench(a: argparse.Namespace, rep: Report) -> None:
                           "pack_bytes": pack_bytes, "pack_volumes": len(packs)}
         print(f"  master publish {pub.wall:.1f} s, school request {req.wall:.1f} s, master export "
               f"{exp.wall:.1f} s: {len(packs)} pack file(s), {R.mib(pack_bytes)}", flush=True)
-        subprocess.run(["sync"], check=True)
+        h.settle()
         time.sleep(1)
         raw["load_import"] = wait_for_quiet(a.max_load, a.patience)
         cpu_before = d.cpu_seconds()

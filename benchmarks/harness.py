@@ -353,17 +353,17 @@ def zstd_baseline(tree: str, work: str) -> ZstdBaseline:
     tar = os.path.join(work, "tree.tar")
     subprocess.run(["tar", "-cf", tar, "-C", tree, "."], check=True)
     raw = os.path.getsize(tar)
-    subprocess.run(["sync"], check=True)
+    settle()
     c = timed(["zstd", "-q", "-3", "-T1", "-f", tar, "-o", tar + ".zst"])
     os.unlink(tar + ".zst")
-    subprocess.run(["sync"], check=True)
+    settle()
     cs = timed(f"zstd -q -3 -T1 -f '{tar}' -o '{tar}.zst' && sync", shell=True)
     comp = os.path.getsize(tar + ".zst")
     os.unlink(tar)
-    subprocess.run(["sync"], check=True)
+    settle()
     d = timed(["zstd", "-q", "-d", "-f", tar + ".zst", "-o", tar])
     os.unlink(tar)
-    subprocess.run(["sync"], check=True)
+    settle()
     ds = timed(f"zstd -q -d -f '{tar}.zst' -o '{tar}' && sync", shell=True)
     for p in (tar, tar + ".zst"):
         os.unlink(p)
@@ -373,13 +373,24 @@ def zstd_baseline(tree: str, work: str) -> ZstdBaseline:
 def cp_sync(tree: str, dest: str) -> float:
     """`cp -a` of the tree followed by `sync`, wall seconds."""
     shutil.rmtree(dest, ignore_errors=True)
-    subprocess.run(["sync"], check=True)
+    settle()
     t = timed(f"cp -a '{tree}' '{dest}' && sync", shell=True)
     shutil.rmtree(dest, ignore_errors=True)
     return t
 
 
-STATE_FS_GIB = 64  # sparse; mounted with discard, so what a benchmark deletes is given back
+STATE_FS_GIB = 64  # sparse; settle() trims it, so what a benchmark deletes is given back
+_MOUNTED: list[str] = []
+
+
+def settle() -> None:
+    """Before a timed step: write back what is dirty, and trim the state image
+    (what earlier steps deleted), so no step pays for another's leftovers. The
+    image is not mounted with `discard`: that would trim during the next timed
+    step's journal commits."""
+    subprocess.run(["sync"], check=True)
+    for mnt in _MOUNTED:
+        subprocess.run(["fstrim", mnt], check=False, capture_output=True)
 
 
 def mount_state_fs(work: str) -> str:
@@ -399,11 +410,14 @@ def mount_state_fs(work: str) -> str:
         f.truncate(STATE_FS_GIB << 30)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", img], check=True)
     os.makedirs(mnt, exist_ok=True)
-    subprocess.run(["mount", "-o", "loop,discard", img, mnt], check=True)
+    subprocess.run(["mount", "-o", "loop", img, mnt], check=True)
+    _MOUNTED.append(mnt)
     return mnt
 
 
 def unmount_state_fs(mnt: str) -> None:
+    if mnt in _MOUNTED:
+        _MOUNTED.remove(mnt)
     if os.path.ismount(mnt):
         subprocess.run(["umount", mnt], check=True)
     img = os.path.join(os.path.dirname(mnt), "state.img")
@@ -413,7 +427,7 @@ def unmount_state_fs(mnt: str) -> None:
 
 def drop_caches() -> bool:
     try:
-        subprocess.run(["sync"], check=True)
+        settle()
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
         return True

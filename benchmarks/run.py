@@ -218,7 +218,7 @@ def sync_flow(base: str, v1: str, v2: str | None, chunk: tuple[int, int, int] | 
     def step(key: str, *args: str, server: h.Server = m) -> h.Run:
         # syncfs() inside Harmonic flushes the whole file system: write back
         # everything that is dirty first, so no step pays for another's writes.
-        subprocess.run(["sync"], check=True)
+        h.settle()
         run = server.ctl(*args)
         r[key] = {"wall": run.wall, "cpu": run.cpu, "maxrss": run.maxrss}
         return run
@@ -327,9 +327,9 @@ def publish_best(base: str, tree: str, repeat: int) -> dict[str, Any]:
     runs = []
     for _ in range(repeat):
         m, _s, _stick = h.make_pair(base)
-        subprocess.run(["sync"], check=True)
+        h.settle()
         first = m.ctl("publish", "content", tree)
-        subprocess.run(["sync"], check=True)
+        h.settle()
         again = m.ctl("publish", "content", tree)
         runs.append((first, again))
         shutil.rmtree(base, ignore_errors=True)
@@ -526,11 +526,11 @@ def bench_republish(a: argparse.Namespace, rep: Report) -> None:
     nfiles, nbytes = h.tree_bytes(root)
     base = os.path.join(a.state, "flow-small")
     m, _s, _stick = h.make_pair(base)
-    subprocess.run(["sync"], check=True)
+    h.settle()
     first = m.ctl("publish", "content", root)
     again = []
     for _ in range(3):
-        subprocess.run(["sync"], check=True)
+        h.settle()
         again.append(m.ctl("publish", "content", root))
     cp = min(h.cp_sync(root, os.path.join(a.state, "cp-target")) for _ in range(a.repeat))
     walls = sorted(x.wall for x in again)

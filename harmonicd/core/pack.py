@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import blake3
 
@@ -171,6 +171,12 @@ class _Local(threading.local):
     compressor: Compressor | None = None
 
 
+class Sink(Protocol):
+    """Where a pack is written: a binary file, or anything with its write()."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> Any: ...
+
+
 class PackWriter:
     """Writes one pack (one volume) to a binary stream.
 
@@ -179,7 +185,7 @@ class PackWriter:
     preserved and at most ``depth`` frames are in memory.
     """
 
-    def __init__(self, out: BinaryIO, key: keys.SigningKey, header: Header,
+    def __init__(self, out: Sink, key: keys.SigningKey, header: Header,
                  pool: ThreadPoolExecutor | None = None, depth: int = 3) -> None:
         self._out = out
         self._key = key

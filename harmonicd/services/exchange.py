@@ -666,7 +666,7 @@ def write_packs(store: Store, out: Outgoing, folder: str,
     volume = 0
     written: list[str] = []
     writer: PackWriter | None = None
-    f = None
+    f: durable.WriteBehind | None = None
     tmp = final = ""
     comp = Compressor()
 
@@ -682,18 +682,19 @@ def write_packs(store: Store, out: Outgoing, folder: str,
         final = os.path.join(folder, _pack_name(cfg.id, created, pack_id, volume))
         tmp = os.path.join(folder, "." + os.path.basename(final) + ".part")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        f = os.fdopen(fd, "wb")
-        w = PackWriter(f, store.key, header(volume), pool)
+        f = durable.WriteBehind(fd)
+        w = PackWriter(f, store.key, header(volume), pool, depth=8)
         if w.worst_case_size() > cfg.volume_size:
             raise HarmonicError(f"packs.volume_size {cfg.volume_size} is too small for this pack's header")
         return w
 
     def close_volume(w: PackWriter, last: bool) -> None:
+        nonlocal f
         assert f is not None
         w.close(last=last)
-        f.flush()
-        os.fsync(f.fileno())
+        f.sync()
         f.close()
+        f = None
         crash_point("pack-part-written")
         os.replace(tmp, final)
         durable.fsync_dir(folder)
@@ -726,7 +727,7 @@ def write_packs(store: Store, out: Outgoing, folder: str,
                     progress(len(payload))
             close_volume(writer, last=True)
     except OSError as exc:
-        if f is not None and not f.closed:
+        if f is not None:
             f.close()
         _unlink(tmp)
         for p in written:
@@ -735,7 +736,7 @@ def write_packs(store: Store, out: Outgoing, folder: str,
             raise StoreError(f"{folder}: the stick is write-protected; nothing was written") from exc
         raise durable.disk_error(exc, "writing the pack", total, folder) from exc
     except BaseException:
-        if f is not None and not f.closed:
+        if f is not None:
             f.close()
         _unlink(tmp)
         for p in written:

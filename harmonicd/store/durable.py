@@ -16,6 +16,8 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from harmonicd.errors import DiskFullError, StoreError
 
@@ -83,6 +85,56 @@ def disk_error(exc: OSError, doing: str, needed: int, where: str,
             have += " but no room for more files (no free inodes; delete files or remake with more)"
         return DiskFullError(f"disk full while {doing} in {where}: {need}{have}; {outcome}")
     return StoreError(f"{doing} failed in {where}: {exc.strerror or exc}")
+
+
+class WriteBehind:
+    """A file written by a background thread that also starts writeback as it
+    goes (fdatasync every ``flush_every`` bytes), so the caller's work overlaps
+    with copying into the page cache and with the disk, and the final
+    ``sync()`` finds little left to write. Errors surface at the next call."""
+
+    def __init__(self, fd: int, flush_every: int = 64 << 20, max_inflight: int = 32 << 20) -> None:
+        self.fd = fd
+        self.flush_every = flush_every
+        self.max_inflight = max_inflight
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="writebehind")
+        self._inflight: deque[tuple[Future[None], int]] = deque()
+        self._inflight_bytes = 0
+        self._unsynced = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        chunk = bytes(data) if not isinstance(data, bytes) else data
+        self._inflight.append((self._pool.submit(self._write, chunk), len(chunk)))
+        self._inflight_bytes += len(chunk)
+        self._drain(self.max_inflight)
+        return len(chunk)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self._unsynced += len(data)
+        if self._unsynced >= self.flush_every:
+            self._unsynced = 0
+            os.fdatasync(self.fd)
+
+    def _drain(self, limit: int) -> None:
+        while self._inflight and (self._inflight_bytes > limit or self._inflight[0][0].done()):
+            fut, n = self._inflight.popleft()
+            self._inflight_bytes -= n
+            fut.result()
+
+    def sync(self) -> None:
+        """Everything written and on disk."""
+        self._drain(0)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        for fut, _n in self._inflight:
+            fut.cancel()
+        self._pool.shutdown(wait=True)
+        self._inflight.clear()
+        os.close(self.fd)
 
 
 def mib(n: int) -> str:
