@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,7 @@ class Daemon:
         self._store_size_at = 0.0
         self._sizing = False
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="status")
+        self._local = threading.local()
 
     # -- lifetime
     async def run(self) -> int:
@@ -269,17 +271,29 @@ class Daemon:
     async def status(self) -> dict[str, Any]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._status)
 
+    def _reader(self) -> Store:
+        """This status thread's own read-only view of the store, opened once: opening
+        the database for every query made status slow while an import kept the
+        machine busy. A reload's new configuration opens a new one."""
+        store: Store | None = getattr(self._local, "store", None)
+        if store is None or store.cfg is not self.cfg:
+            if store is not None:
+                store.close()
+            store = Store(self.cfg, lock=False)
+            self._local.store = store
+        return store
+
     def _status(self) -> dict[str, Any]:
         from harmonicd.services.status import status, store_size_of
 
-        with Store(self.cfg, lock=False) as store:
-            if time.monotonic() - self._store_size_at > STORE_SIZE_MAX_AGE and not self._sizing:
-                self._sizing = True
-                try:
-                    self._store_size, self._store_size_at = store_size_of(store), time.monotonic()
-                finally:
-                    self._sizing = False
-            st = status(store, self._store_size)
+        store = self._reader()
+        if time.monotonic() - self._store_size_at > STORE_SIZE_MAX_AGE and not self._sizing:
+            self._sizing = True
+            try:
+                self._store_size, self._store_size_at = store_size_of(store), time.monotonic()
+            finally:
+                self._sizing = False
+        st = status(store, self._store_size)
         st["daemon"] = True
         st["activity"] = self.activity.snapshot()
         st["queued"] = [{"kind": j.kind, "detail": j.detail} for j in list(self.jobs.queue)]

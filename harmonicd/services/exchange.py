@@ -683,7 +683,7 @@ def write_packs(store: Store, out: Outgoing, folder: str,
         tmp = os.path.join(folder, "." + os.path.basename(final) + ".part")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         f = durable.WriteBehind(fd)
-        w = PackWriter(f, store.key, header(volume), pool, depth=8)
+        w = PackWriter(f, store.key, header(volume), pool, depth=6)
         if w.worst_case_size() > cfg.volume_size:
             raise HarmonicError(f"packs.volume_size {cfg.volume_size} is too small for this pack's header")
         return w

@@ -93,7 +93,7 @@ class WriteBehind:
     with copying into the page cache and with the disk, and the final
     ``sync()`` finds little left to write. Errors surface at the next call."""
 
-    def __init__(self, fd: int, flush_every: int = 64 << 20, max_inflight: int = 32 << 20) -> None:
+    def __init__(self, fd: int, flush_every: int = 64 << 20, max_inflight: int = 16 << 20) -> None:
         self.fd = fd
         self.flush_every = flush_every
         self.max_inflight = max_inflight
