@@ -313,7 +313,8 @@ def _bar(done: int, total: int | None, width: int = 24) -> str:
         return f"{durable.mib(done)}"
     frac = min(done / total, 1.0)
     fill = int(frac * width)
-    return f"[{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% {durable.mib(done)} of {durable.mib(total)}"
+    pct = int(frac * 1000) / 10  # rounded down: 100.0% only when done
+    return f"[{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% {durable.mib(done)} of {durable.mib(total)}"
 
 
 def _eta(seconds: float | None) -> str:

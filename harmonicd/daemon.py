@@ -346,7 +346,7 @@ class Daemon:
         if name == "gc":
             return self.jobs.submit("gc", "store", _gc_work)
         if name == "sync":
-            return self.jobs.submit("sync", self.cfg.upstream_url or "-", _sync_work)
+            return self.jobs.submit("sync", self.cfg.upstream_url or "(no upstream)", _sync_work)
         raise UsageError(f"unknown command {name}")
 
 
