@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -40,6 +41,7 @@ from harmonicd.activity import Activity
 from harmonicd.config import Config
 from harmonicd.control import ControlServer
 from harmonicd.errors import ConfigError, HarmonicError, StartupError, StateError, UsageError
+from harmonicd.http import PeerServer
 from harmonicd.jobs import JobRunner, Outcome
 from harmonicd.logs import setup_daemon_logging
 from harmonicd.store import durable
@@ -61,6 +63,9 @@ class Daemon:
         self.activity = Activity()
         self.jobs = JobRunner(self.activity, lambda: self.cfg)
         self.control = ControlServer(self, cfg.socket, cfg.socket_group, cfg.admin_group)
+        self.peer: PeerServer | None = None
+        if cfg.listen:
+            self.peer = PeerServer(cfg.id, cfg.role, cfg.state_dir, cfg.listen, self._answer)
         self.watcher: FolderWatcher | None = None
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -90,6 +95,12 @@ class Daemon:
         except BaseException:
             await self.control.stop()
             raise
+        if self.peer is not None:
+            try:
+                await self.peer.start()
+            except BaseException:
+                await self.control.stop()
+                raise
         for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.stop, why)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
@@ -131,6 +142,8 @@ class Daemon:
         self.jobs.close()
         self.activity.close_streams()
         await self.control.stop()
+        if self.peer is not None:
+            await self.peer.stop()
         if running is not None and not running.future.done():
             log.info("waiting up to %g s for %s %s to finish", self.cfg.stop_grace_seconds, running.kind,
                      running.detail)
@@ -267,6 +280,25 @@ class Daemon:
         if out.data.get("held_back") and name == next(iter(self.cfg.sources), None):
             log.warning("%s", self.activity.warnings.get("pending_quota", "over the pending quota"))
 
+    # -- the peer HTTP API's backend
+    async def _answer(self, request: str) -> tuple[str, list[tuple[str, int]]]:
+        """A school's request pack, taken and answered as one job (with the store's lock)."""
+
+        def work(store: Store, progress: Callable[[int], None]) -> Outcome:
+            from harmonicd.services.online import answer
+
+            got, res = answer(store, request, progress)
+            what = ", ".join(res.releases) or "nothing new"
+            files = [(p, os.path.getsize(p)) for p in res.files]
+            return Outcome(f"answered {got.sender} online: {what}", {"school": got.sender, "files": files})
+
+        out = await self.jobs.submit("serve", os.path.basename(request), work, key=f"serve:{request}")
+        if not out.ok:
+            if out.error is not None:
+                raise out.error
+            raise HarmonicError(out.summary)
+        return out.data["school"], list(out.data["files"])
+
     # -- the control API's backend
     async def status(self) -> dict[str, Any]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._status)
@@ -294,6 +326,9 @@ class Daemon:
             finally:
                 self._sizing = False
         st = status(store, self._store_size)
+        if st.get("upstream"):
+            seen = store.db.get_meta("upstream.reachable")
+            st["upstream"]["reachable"] = None if seen is None else seen == "1"
         st["daemon"] = True
         st["activity"] = self.activity.snapshot()
         st["queued"] = [{"kind": j.kind, "detail": j.detail} for j in list(self.jobs.queue)]
@@ -412,14 +447,53 @@ def _gc_work(store: Store, progress: Callable[[int], None]) -> Outcome:
 def _sync_work(store: Store, progress: Callable[[int], None]) -> Outcome:
     from harmonicd.services.publish import publish_changed_sources
 
-    made = publish_changed_sources(store)
-    data = {"published": [f"{n} release {s}" for n, s in made]}
-    if store.cfg.is_master:
-        return Outcome("the master has no upstream to sync with", data)
-    if not store.cfg.upstream_url:
-        return Outcome("no upstream.url configured: this school syncs by stick only", data, ok=False)
-    return Outcome("online sync is not part of this version yet (it comes with the HTTP transport)", data,
-                   ok=False)
+    cfg = store.cfg
+    if cfg.is_master:
+        made = publish_changed_sources(store)
+        return Outcome("the master has no upstream to sync with",
+                       {"published": [f"{n} release {s}" for n, s in made]})
+    if not cfg.upstream_url:
+        made = publish_changed_sources(store)
+        return Outcome("no upstream.url configured: this school syncs by stick only",
+                       {"published": [f"{n} release {s}" for n, s in made]}, ok=False)
+    return sync_online(store, progress)
+
+
+def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
+    """One online sync: the request pack up, the answer's packs down (resumed
+    where a cut download stopped), applied as from a stick."""
+    from harmonicd import http
+    from harmonicd.services.exchange import ImportResult
+    from harmonicd.services.online import downloads, make_request, record_upstream, take_answer
+
+    url = store.cfg.upstream_url
+    folder = os.path.join(store.dir, "tmp", f"request-{os.getpid()}-{os.urandom(4).hex()}")
+    earlier: list[ImportResult] = []
+    try:
+        # What a cut link left half-downloaded is finished first (Range), not asked for again.
+        earlier = take_answer(store, http.resume_pending(url, downloads(store), progress), progress)
+    except http.UpstreamError as exc:
+        record_upstream(store, exc.reachable, str(exc))
+        raise
+    try:
+        req = make_request(store, folder)
+        try:
+            packs: list[dict[str, Any]] = []
+            for f in req.files:
+                packs = http.post_request(url, f)
+            paths = [http.download(url, p, downloads(store), progress) for p in packs]
+        except http.UpstreamError as exc:
+            record_upstream(store, exc.reachable, str(exc))
+            raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    results = earlier + take_answer(store, paths, progress)
+    record_upstream(store, True, None)
+    received = [f"{a} from {r.sender}" for r in results for a in r.applied]
+    acked = [f"{r.sender} confirmed {a}" for r in results for a in r.acked]
+    data = {"received": received, "acked": acked, "published": [f"{n} release {s}" for n, s in req.published]}
+    what = "; ".join(received + acked) or "nothing new"
+    return Outcome(f"synced with {url}: {what}", data)
 
 
 # --------------------------------------------------------------------------- entry point

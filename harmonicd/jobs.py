@@ -35,6 +35,7 @@ class Outcome:
     summary: str
     data: dict[str, Any] = field(default_factory=dict)
     ok: bool = True
+    error: HarmonicError | None = None  # what failed, for callers that re-raise it
     logged: bool = False  # the service already logged the success itself
 
 
@@ -101,7 +102,7 @@ class JobRunner:
         try:
             out = await asyncio.get_running_loop().run_in_executor(self._thread, self._execute, cfg, job)
         except HarmonicError as exc:
-            out = Outcome(str(exc), ok=False)
+            out = Outcome(str(exc), ok=False, error=exc)
         except Exception as exc:  # a bug: log it whole, keep the daemon running
             log.exception("%s %s failed unexpectedly", job.kind, job.detail)
             out = Outcome(f"unexpected error: {exc!r}", ok=False)

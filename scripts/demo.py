@@ -11,9 +11,10 @@ process; the demo drives them only through the real `harmonicctl`:
   run, by design (the daemon may not see the caller's folders);
 * statistics are written into school-1's stats folder while its daemon
   watches it, and the daemon publishes them by itself after a quiet second;
-* `harmonicctl sync --wait` shows that online sync is not there yet (it
-  comes with the HTTP transport, the next issue): the daemon refuses it;
-* school-2 is enrolled but never visited.
+* school-2 is online: its upstream is the master's HTTP listener on
+  loopback, and `harmonicctl sync --wait` takes the content down and its
+  statistics up in one round trip;
+* school-1 has no upstream: `sync --wait` refuses it in one line.
 
 The demo stops at the first step that fails, ends with `verify`, the status
 of all three servers and a SIGTERM to each daemon (each must exit 0), and
@@ -28,6 +29,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -166,12 +168,16 @@ def run(base: Path, daemons: list[Daemon]) -> None:
     def sock(sid: str) -> str:
         return str(base / "run" / sid / "control.sock")
 
-    step("A master and two school servers, each with its own control socket")
+    step("A master (listening on loopback) and two school servers, each with its own control socket")
+    with socket.socket() as probe:  # a free loopback port for the master's HTTP listener
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     mkey = ctl(m_cfg, "init", "master", "--id", "master", "--state-dir", str(base / "master"),
-               "--socket", sock("master")).stdout.strip()
+               "--socket", sock("master"), "--listen", f"127.0.0.1:{port}").stdout.strip()
     for cfg, sid in ((s1_cfg, "school-1"), (s2_cfg, "school-2")):
+        online = ("--upstream", f"http://127.0.0.1:{port}") if sid == "school-2" else ()
         skey = ctl(cfg, "init", "node", "--id", sid, "--state-dir", str(base / sid), "--master-key", mkey,
-                   "--socket", sock(sid)).stdout.strip()
+                   "--socket", sock(sid), *online).stdout.strip()
         ctl(m_cfg, "enroll", sid, skey)
         set_publish_option(cfg, "quiet_seconds", str(QUIET))
         say(f"{cfg.name}: [publish] quiet_seconds = {QUIET} (watched folders are published after "
@@ -239,13 +245,19 @@ def run(base: Path, daemons: list[Daemon]) -> None:
         raise DemoFailed("school-1 does not show content release 2 after trip 2")
     say("school-1's status shows content release 2")
 
-    step("Online sync: not in this version")
+    step("school-2 syncs online: one round trip to the master over HTTP")
+    (base / "school-2" / "sources" / "stats" / "2026-11-27.json").write_text('{"logins": 7}\n')
+    ctl(s2_cfg, "sync", "--wait")
+    if seq_of(status_json(s2_cfg), "content") != 2:
+        raise DemoFailed("school-2 does not show content release 2 after its online sync")
+    say("school-2's status shows content release 2, fetched online")
+
+    step("school-1 has no upstream: `sync` refuses, in one line")
     p = ctl(s1_cfg, "sync", "--wait", codes=(1,))
     lines = [x for x in (p.stdout + p.stderr).splitlines() if x.strip()]
     if len(lines) != 1:
         raise DemoFailed(f"`harmonicctl sync --wait` should refuse in one line, printed {len(lines)}")
-    say("expected: school-1 has no upstream and online sync (the HTTP transport) is the next issue,\n"
-        "so the daemon refuses it in one line and harmonicctl exits 1. Every sync above went by stick.")
+    say("expected: school-1 is kept in step by stick only.")
 
     step("Checks")
     deployed = base / "school-1" / "deploy" / "content"
@@ -253,6 +265,15 @@ def run(base: Path, daemons: list[Daemon]) -> None:
     if same.returncode != 0:
         raise DemoFailed("school-1's content differs from the master's")
     say("school-1's content is identical to the master's")
+    same2 = subprocess.run(["diff", "-r", str(content), str(base / "school-2" / "deploy" / "content")],
+                           capture_output=True, check=False)
+    if same2.returncode != 0:
+        raise DemoFailed("school-2's content differs from the master's")
+    say("school-2's content (online) is identical to the master's")
+    got2 = base / "master" / "deploy" / "school-2" / "stats" / "2026-11-27.json"
+    if not got2.is_file():
+        raise DemoFailed("the master does not hold school-2's statistics, sent online")
+    say(f"the master holds school-2's statistics, sent online: {got2.read_text().strip()}")
     got = base / "master" / "deploy" / "school-1" / "stats" / target.name
     if not got.is_file() or got.read_text() != record:
         raise DemoFailed(f"the master does not hold school-1's statistics as written ({got})")

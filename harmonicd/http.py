@@ -1,0 +1,298 @@
+"""The peer HTTP API (docs/http-api.md): packs over HTTP instead of a stick.
+
+Server (a master, or any server with ``server.listen``), aiohttp on TCP:
+
+    POST /v1/sync                     body: a school's request pack; answer: JSON naming
+                                      the answer's pack files
+    GET  /v1/packs/<school>/<name>    one answer pack file (Range requests: resumable)
+    GET  /v1/health                   who answers
+
+Who may sync is decided by the request pack itself: it must be signed by an
+enrolled school and addressed to this server, exactly as on a stick
+(services/exchange.py); its pack id is recorded, so a replayed request
+changes nothing. Answer files are named by a random pack id the school only
+learns from the master's answer.
+
+Client (a school's sync job, in a worker thread): blocking http.client with
+connect/read timeouts; a download cut short is resumed from where it
+stopped with a Range request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import logging
+import os
+import re
+import tempfile
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from harmonicd import __version__
+from harmonicd.errors import HarmonicError, PackError, TrustError
+
+log = logging.getLogger("harmonicd")
+
+API = "/v1"
+MAX_REQUEST = 4_000_000_000  # a request pack carries a school's new statistics and backups
+CONNECT_TIMEOUT = 15.0
+READ_TIMEOUT = 60.0  # seconds without a byte before a transfer is given up (and resumed next time)
+CHUNK = 256 << 10
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,80}-\d{8}T\d{6}-[0-9a-f]{12}-v\d{3}\.hpk\Z")
+_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+
+# (request pack path) -> (school id, [(answer file path, size)]); runs the store work as a job
+Answerer = Callable[[str], Awaitable[tuple[str, list[tuple[str, int]]]]]
+
+
+class UpstreamError(HarmonicError):
+    """The upstream could not be reached or refused the sync."""
+
+    def __init__(self, message: str, reachable: bool) -> None:
+        super().__init__(message)
+        self.reachable = reachable
+
+
+# --------------------------------------------------------------------------- server
+
+
+class PeerServer:
+    def __init__(self, server_id: str, role: str, state_dir: str, listen: str, answerer: Answerer) -> None:
+        self.server_id = server_id
+        self.role = role
+        self.state_dir = state_dir
+        self.listen = listen
+        self.answerer = answerer
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post(f"{API}/sync", self._sync)
+        app.router.add_get(f"{API}/packs/{{school}}/{{name}}", self._pack)
+        app.router.add_get(f"{API}/health", self._health)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise HarmonicError(f"server.listen {self.listen}: cannot listen ({exc.strerror})") from None
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"id": self.server_id, "role": self.role, "version": __version__})
+
+    async def _sync(self, request: web.Request) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > MAX_REQUEST:
+            return _error(413, f"request pack larger than {MAX_REQUEST} bytes")
+        tmp_dir = os.path.join(self.state_dir, "tmp")
+        os.makedirs(tmp_dir, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="request-", suffix=".hpk", dir=tmp_dir)
+        try:
+            got = 0
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.content.iter_chunked(CHUNK):
+                    got += len(chunk)
+                    if got > MAX_REQUEST:
+                        return _error(413, f"request pack larger than {MAX_REQUEST} bytes")
+                    f.write(chunk)
+            if length is not None and got != length:
+                return _error(400, f"request body cut short ({got} of {length} bytes)")
+            try:
+                school, files = await self.answerer(path)
+            except (PackError, TrustError) as exc:
+                log.warning("online sync refused from %s: %s", request.remote, exc)
+                return _error(403, f"request refused: {exc}")
+            except HarmonicError as exc:
+                log.error("online sync from %s failed: %s", request.remote, exc)
+                return _error(503, f"the server could not answer: {exc}")
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        packs = [{"name": os.path.basename(p), "size": size,
+                  "url": f"{API}/packs/{school}/{os.path.basename(p)}"} for p, size in files]
+        return web.json_response({"server": self.server_id, "school": school, "packs": packs})
+
+    async def _pack(self, request: web.Request) -> web.StreamResponse:
+        school, name = request.match_info["school"], request.match_info["name"]
+        if not _ID.match(school) or not _NAME.match(name):
+            return _error(404, "no such pack")
+        path = os.path.join(self.state_dir, "outbox", school, name)
+        if not await asyncio.to_thread(os.path.isfile, path):
+            return _error(404, "no such pack (a newer sync replaced it?)")
+        # FileResponse answers Range requests: a cut download resumes where it stopped.
+        return web.FileResponse(path, headers={"Cache-Control": "private, max-age=0"})
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+# --------------------------------------------------------------------------- client
+
+
+def _connection(url: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+    host = url.hostname or ""
+    if url.scheme == "https":
+        return http.client.HTTPSConnection(host, url.port or 443, timeout=CONNECT_TIMEOUT)
+    if url.scheme == "http":
+        return http.client.HTTPConnection(host, url.port or 80, timeout=CONNECT_TIMEOUT)
+    raise UpstreamError(f"upstream.url {url.geturl()}: only http:// and https:// are supported", False)
+
+
+def _request(base: str, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    url = urllib.parse.urlsplit(base)
+    conn = _connection(url)
+    try:
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(READ_TIMEOUT)
+        conn.request(method, url.path.rstrip("/") + path, body=body, headers=headers or {})
+        return conn, conn.getresponse()
+    except OSError as exc:
+        conn.close()
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise UpstreamError(f"{base}: cannot reach the upstream ({why})", False) from None
+    except http.client.HTTPException as exc:
+        conn.close()
+        raise UpstreamError(f"{base}: the upstream's answer is not HTTP ({exc!r})", True) from None
+
+
+def _json(resp: http.client.HTTPResponse, base: str) -> dict[str, Any]:
+    raw = resp.read(1 << 20)
+    ctype = resp.getheader("Content-Type", "")
+    if "json" not in ctype:
+        hint = " (a captive portal's login page?)" if "html" in ctype else ""
+        raise UpstreamError(f"{base}: answered {resp.status} with {ctype or 'no type'}, not JSON{hint}", True)
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UpstreamError(f"{base}: answered {resp.status} with broken JSON", True) from None
+    if not isinstance(data, dict):
+        raise UpstreamError(f"{base}: answered {resp.status} with JSON that is not an object", True)
+    return data
+
+
+def post_request(base: str, path: str) -> list[dict[str, Any]]:
+    """POST a request pack; the answer's pack files (name, size, url)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        conn, resp = _request(base, "POST", f"{API}/sync", body=f,
+                              headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+    try:
+        data = _json(resp, base)
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise UpstreamError(f"{base}: sync refused ({resp.status}): {data.get('error', 'no reason given')}", True)
+    packs = data.get("packs")
+    if not isinstance(packs, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("name"), str) and _NAME.match(p["name"])
+            and isinstance(p.get("size"), int) and isinstance(p.get("url"), str) for p in packs):
+        raise UpstreamError(f"{base}: the sync answer does not list packs as expected", True)
+    return packs
+
+
+def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[int], None] | None = None) -> str:
+    """Fetch one answer pack into folder, continuing a partial file with Range."""
+    os.makedirs(folder, exist_ok=True)
+    final = os.path.join(folder, pack["name"])
+    part = final + ".part"
+    want = int(pack["size"])
+    # Where it comes from, for the next sync to continue it if this one is cut.
+    with open(final + ".json", "w") as f:
+        json.dump({"name": pack["name"], "size": want, "url": pack["url"]}, f)
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    if have > want:
+        os.unlink(part)
+        have = 0
+    if have < want:
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        conn, resp = _request(base, "GET", pack["url"], headers=headers)
+        try:
+            if resp.status == 200 and have:
+                have = 0  # the server ignored the Range: start again
+            elif resp.status not in (200, 206):
+                raise UpstreamError(f"{base}: {pack['name']}: {resp.status} {resp.reason}", True)
+            with open(part, "ab" if have else "wb") as f:
+                while True:
+                    try:
+                        chunk = resp.read(CHUNK)
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise UpstreamError(f"{base}: {pack['name']} cut off at {have} of {want} bytes "
+                                            f"({exc}); the next sync continues from there", False) from None
+                    if not chunk:
+                        break
+                    if have + len(chunk) > want:
+                        raise UpstreamError(f"{base}: {pack['name']} is longer than announced", True)
+                    f.write(chunk)
+                    have += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            conn.close()
+        if have != want:
+            raise UpstreamError(f"{base}: {pack['name']} cut off at {have} of {want} bytes; "
+                                "the next sync continues from there", False)
+    os.replace(part, final)
+    os.unlink(final + ".json")
+    return final
+
+
+def resume_pending(base: str, folder: str, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Finish the downloads an earlier sync left cut short (before asking again,
+    which would make the server replace them). Returns the completed files; a
+    pack the server no longer has is dropped."""
+    done: list[str] = []
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return done
+    for n in names:
+        if not n.endswith(".hpk.json"):
+            continue
+        meta_path = os.path.join(folder, n)
+        try:
+            with open(meta_path) as f:
+                pack = json.load(f)
+            ok = isinstance(pack, dict) and _NAME.match(str(pack.get("name"))) and isinstance(pack.get("size"), int)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            os.unlink(meta_path)
+            continue
+        try:
+            done.append(download(base, pack, folder, progress))
+        except UpstreamError as exc:
+            if "404" not in str(exc):
+                raise
+            log.info("%s is no longer on the server; asking again", pack["name"])
+            for leftover in (meta_path, meta_path[: -len(".json")] + ".part"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+    return done
+
+
+def health(base: str) -> dict[str, Any]:
+    conn, resp = _request(base, "GET", f"{API}/health")
+    try:
+        return _json(resp, base)
+    finally:
+        conn.close()

@@ -1,0 +1,208 @@
+"""Online sync through real daemons over loopback HTTP (the first slice of issue 4).
+
+A master daemon listens on a free loopback port; a school daemon has it as
+upstream. The same packs as on a stick go up and down. A small fault proxy
+of our own sits between them where a test needs the link to break.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server, make_master, make_school, tree_digest, write_tree
+from tests.daemon.conftest import DaemonProc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class CuttingProxy:
+    """TCP proxy on loopback that, while ``cut_after`` is set, closes the first
+    response to a GET of a pack after that many body bytes; it records every
+    request head it forwards."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.cut_after: int | None = None
+        self.heads: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CuttingProxy:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._serve())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        await server.wait_closed()
+        # End every connection still open, inside the loop, before it closes.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.heads.append(head.decode("latin-1"))
+        cut = self.cut_after if head.startswith(b"GET /v1/packs/") else None
+        if cut is not None:
+            self.cut_after = None  # only the first pack download is cut
+        up_w.write(head)
+
+        async def upstream() -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await reader.read(65536):
+                    up_w.write(data)
+                    await up_w.drain()
+
+        pump = asyncio.create_task(upstream())
+        try:
+            resp_head = await up_r.readuntil(b"\r\n\r\n")
+            writer.write(resp_head)
+            sent = 0
+            while data := await up_r.read(65536):
+                if cut is not None and sent + len(data) >= cut:
+                    writer.write(data[: cut - sent])
+                    await writer.drain()
+                    return  # the link drops mid-pack
+                writer.write(data)
+                sent += len(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            pump.cancel()
+            writer.close()
+            up_w.close()
+
+
+@pytest.fixture
+def online(tmp_path: Path) -> Callable[..., tuple[Server, Server, int]]:
+    def make(upstream_port: int | None = None) -> tuple[Server, Server, int]:
+        port = free_port()
+        m, key = make_master(tmp_path, "master-1", "--listen", f"127.0.0.1:{port}")
+        s = make_school(tmp_path, m, key, "school-1", "--upstream",
+                        f"http://127.0.0.1:{upstream_port or port}")
+        return m, s, port
+
+    return make
+
+
+def _sync(s: Server) -> tuple[int, str, str]:
+    p = s.ctl("sync", "--wait", check=False)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_online_round_trip(tmp_path: Path, online: Callable[..., tuple[Server, Server, int]],
+                           start_daemon: Callable[..., DaemonProc]) -> None:
+    m, s, _port = online()
+    src = tmp_path / "content"
+    write_tree(src, {"a.txt": b"hello\n", "lessons/one.html": b"<p>one</p>\n" * 100,
+                     "video.bin": os.urandom(600_000)})
+    m.ctl("publish", "content", str(src))
+    start_daemon(m)
+    d = start_daemon(s)
+    write_tree(s.source("stats"), {"day1.json": b'{"logins": 3}\n'})
+    rc, out, err = _sync(s)
+    assert rc == 0, err
+    assert "content release 1" in out
+    assert tree_digest(s.deploy / "content") == tree_digest(src)
+    # The statistics went up in the same round trip and are deployed at the master.
+    assert (m.deploy / "school-1" / "stats" / "day1.json").read_bytes() == b'{"logins": 3}\n'
+    st = d.status()
+    assert st["upstream"]["reachable"] is True
+    assert st["upstream"]["last_sync"]
+    assert st["upstream"]["last_error"] is None
+    assert st["master"]["how"] == "online"
+    # Nothing changed: one round trip, nothing applied.
+    rc, out, err = _sync(s)
+    assert rc == 0, err
+    assert "nothing new" in out
+    s.ctl("verify")
+    m.ctl("verify")
+
+
+def test_cut_download_resumes_with_range(tmp_path: Path, online: Callable[..., tuple[Server, Server, int]],
+                                         start_daemon: Callable[..., DaemonProc]) -> None:
+    master_port = free_port()
+    with CuttingProxy(master_port) as proxy:
+        m, key = make_master(tmp_path, "master-1", "--listen", f"127.0.0.1:{master_port}")
+        s = make_school(tmp_path, m, key, "school-1", "--upstream", f"http://127.0.0.1:{proxy.port}")
+        src = tmp_path / "content"
+        write_tree(src, {f"pic{i}.jpg": os.urandom(200_000) for i in range(10)})
+        m.ctl("publish", "content", str(src))
+        start_daemon(m)
+        start_daemon(s)
+        proxy.cut_after = 700_000
+        rc, _out, err = _sync(s)
+        assert rc == 1
+        assert "cut off at" in err, err
+        assert "continues from there" in err, err
+        parts = list((s.state / "online").glob("*.part"))
+        assert len(parts) == 1
+        have = parts[0].stat().st_size
+        assert 0 < have <= 700_000
+        assert not (s.deploy / "content").exists(), "nothing is applied from a pack cut short"
+        rc, _out, err = _sync(s)
+        assert rc == 0, err
+        ranges = [h for h in proxy.heads
+                  if h.startswith("GET /v1/packs/") and f"range: bytes={have}-" in h.lower()]
+        assert ranges, "the second download did not continue with a Range request"
+        assert tree_digest(s.deploy / "content") == tree_digest(src)
+        assert not list((s.state / "online").iterdir())
+
+
+def test_unenrolled_school_is_refused_and_says_why(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    port = free_port()
+    m, key = make_master(tmp_path, "master-1", "--listen", f"127.0.0.1:{port}")
+    stranger = Server("school-9", tmp_path / "school-9.toml", tmp_path / "school-9")
+    stranger.ctl("init", "node", "--id", "school-9", "--state-dir", str(stranger.state), "--master-key", key,
+                 "--socket", str(tmp_path / "s9-run" / "control.sock"), "--upstream", f"http://127.0.0.1:{port}")
+    start_daemon(m)
+    d = start_daemon(stranger)
+    rc, _out, err = _sync(stranger)
+    assert rc == 1
+    assert "refused (403)" in err, err
+    st = d.status()
+    assert st["upstream"]["reachable"] is True
+    assert "refused" in st["upstream"]["last_error"]
+
+
+def test_unreachable_upstream_is_shown(tmp_path: Path, online: Callable[..., tuple[Server, Server, int]],
+                                       start_daemon: Callable[..., DaemonProc]) -> None:
+    _m, s, _port = online(upstream_port=free_port())  # nobody listens there
+    d = start_daemon(s)
+    rc, _out, err = _sync(s)
+    assert rc == 1
+    assert "cannot reach the upstream" in err, err
+    st = d.status()
+    assert st["upstream"]["reachable"] is False
+    assert json.dumps(st["upstream"]["last_error"]).count("refused") >= 1
