@@ -27,6 +27,31 @@ DEFAULT_QUIET = 5.0  # seconds without change before a watched folder is publish
 DEFAULT_RESCAN = 600.0  # seconds between stat rescans of watched folders
 DEFAULT_PENDING_QUOTA = 4 << 30  # unacknowledged upward data kept at most
 DEFAULT_STOP_GRACE = 20.0  # seconds a stopping daemon waits for its current job
+DEFAULT_SYNC_INTERVAL = 3600.0  # seconds between a school's online syncs
+_WINDOW = re.compile(r"(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})\Z")
+
+
+def parse_window(value: str) -> tuple[int, int]:
+    """ "22:00-06:00" -> (1320, 360): minutes after local midnight; may wrap past midnight."""
+    m = _WINDOW.match(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a time window like \"22:00-06:00\"")
+    h1, m1, h2, m2 = (int(x) for x in m.groups())
+    if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59 or (h2 == 24 and m2):
+        raise ValueError(f"{value!r}: hours 0-23 and minutes 0-59")
+    start, end = h1 * 60 + m1, h2 * 60 + m2
+    if start == end:
+        raise ValueError(f"{value!r}: the window is empty")
+    return start, end
+
+
+def in_window(window: tuple[int, int] | None, minute_of_day: int) -> bool:
+    if window is None:
+        return True
+    start, end = window
+    if start < end:
+        return start <= minute_of_day < end
+    return minute_of_day >= start or minute_of_day < end
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,9 @@ class Config:
     rescan_seconds: float = DEFAULT_RESCAN
     pending_quota: int = DEFAULT_PENDING_QUOTA
     stop_grace_seconds: float = DEFAULT_STOP_GRACE
+    sync_interval: float = DEFAULT_SYNC_INTERVAL  # seconds between online syncs (jittered)
+    sync_window: tuple[int, int] | None = None  # minutes after midnight (local time): start, end
+    rate_limit: int = 0  # bytes/s each way for online sync; 0: no cap
 
     @property
     def is_master(self) -> bool:
@@ -141,7 +169,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if not os.path.isabs(state_dir):
         raise err("server.state_dir", "must be an absolute path")
 
-    upstream = table("upstream", {"url", "master_key"})
+    upstream = table("upstream", {"url", "master_key", "interval_seconds", "window", "rate_limit"})
     master_key = None
     if "master_key" in upstream:
         try:
@@ -191,6 +219,27 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if not os.path.isabs(deploy_dir):
         raise err("deploy.dir", "must be an absolute path")
 
+    # 0: no online sync by itself (only when asked: `harmonicctl sync`).
+    interval = seconds(upstream, "upstream", "interval_seconds", DEFAULT_SYNC_INTERVAL, 0, 7 * 86400)
+    window = None
+    if "window" in upstream:
+        try:
+            window = parse_window(text(upstream, "upstream", "window"))
+        except ValueError as exc:
+            raise err("upstream.window", str(exc)) from None
+    try:
+        rate = parse_size(upstream.get("rate_limit", 0))
+    except ValueError as exc:
+        raise err("upstream.rate_limit", str(exc)) from None
+    if rate < 0 or 0 < rate < 1024:
+        raise err("upstream.rate_limit", "must be 0 (no cap) or at least 1 KiB (bytes per second)")
+    url = text(upstream, "upstream", "url", "")
+    if url and not re.match(r"https?://[^/\s]+", url):
+        raise err("upstream.url", f"{url!r} is not an http:// or https:// URL")
+    listen = text(server, "server", "listen", "")
+    if listen and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}", listen):
+        raise err("server.listen", f"{listen!r} is not HOST:PORT")
+
     publish = table("publish", {"quiet_seconds", "rescan_seconds", "pending_quota"})
     quiet = seconds(publish, "publish", "quiet_seconds", DEFAULT_QUIET, 0.1, 3600)
     rescan = seconds(publish, "publish", "rescan_seconds", DEFAULT_RESCAN, 10, 7 * 86400)
@@ -211,8 +260,8 @@ def validate(data: dict[str, Any], path: str) -> Config:
         socket_group=text(server, "server", "socket_group", "harmonicd"),
         admin_group=text(server, "server", "admin_group", "harmonicd-admin"),
         stop_grace_seconds=stop_grace, quiet_seconds=quiet, rescan_seconds=rescan, pending_quota=quota,
-        listen=text(server, "server", "listen", ""),
-        upstream_url=text(upstream, "upstream", "url", ""),
+        listen=listen,
+        upstream_url=url, sync_interval=interval, sync_window=window, rate_limit=rate,
         master_key=master_key, sources=sources, volume_size=volume_size,
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
     )
@@ -239,6 +288,9 @@ def render(cfg: Config) -> str:
             "[upstream]",
             f"url = {_q(cfg.upstream_url)}   # the master (or a relay); empty: sticks only",
             f"master_key = {_q(keys.format_key(cfg.master_key or b''))}",
+            f"interval_seconds = {cfg.sync_interval:g}   # online sync this often (with jitter); 0: only when asked",
+            "# window = \"22:00-06:00\"   # start online syncs only in these hours (local time)",
+            "rate_limit = 0   # bytes per second each way for online sync; 0: no cap",
             "",
         ]
     for name, src in cfg.sources.items():

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import shutil
 import signal
 import sys
@@ -53,6 +54,8 @@ log = logging.getLogger("harmonicd")
 
 EX_CONFIG = 78
 SETTLE_MAX = 60.0  # a folder that never stays quiet is published anyway after this long (or 10 quiet periods)
+STARTUP_SYNC_DELAY = 2.0  # seconds after start before the first online sync
+BACKOFF_BASE = 15.0  # seconds; doubled after each failed online sync, up to the interval
 STORE_SIZE_MAX_AGE = 60.0  # seconds a status answer may show an old count of the store's objects
 
 
@@ -115,6 +118,8 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self.jobs.run(), name="jobs"),
                          tg.create_task(self._rescan(), name="rescan")]
+                if not self.cfg.is_master:
+                    tasks.append(tg.create_task(self._sync_loop(), name="online-sync"))
                 if self.notifier.watchdog_interval:
                     tasks.append(tg.create_task(self._heartbeat(self.notifier.watchdog_interval), name="watchdog"))
                 await self._stop.wait()
@@ -188,6 +193,32 @@ class Daemon:
                 self.watcher.refresh()
             for name in self.cfg.sources:
                 self.folder_changed(name)
+
+    async def _sync_loop(self) -> None:
+        """A school with an upstream syncs soon after start, then every
+        upstream.interval_seconds (10% jitter, so schools do not all come at
+        once), inside upstream.window if one is set; after a failure it tries
+        again sooner, with jittered exponential backoff."""
+        failures = 0
+        delay = STARTUP_SYNC_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            cfg = self.cfg
+            if not cfg.upstream_url or not cfg.sync_interval:
+                delay = 60.0  # a reload may turn it on
+                continue
+            now = time.localtime()
+            if not config_mod.in_window(cfg.sync_window, now.tm_hour * 60 + now.tm_min):
+                delay = 60.0 - now.tm_sec  # look again at the next minute
+                continue
+            out = await asyncio.shield(self.command("sync", {}))
+            if out.ok:
+                failures = 0
+                delay = cfg.sync_interval * random.uniform(0.9, 1.1)
+            else:
+                failures += 1
+                delay = random.uniform(0, min(cfg.sync_interval, BACKOFF_BASE * 2 ** failures))
+                log.info("next online sync try in %.0f s", delay)
 
     def _job_changed(self) -> None:
         cur = self.activity.current
@@ -471,7 +502,8 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
     earlier: list[ImportResult] = []
     try:
         # What a cut link left half-downloaded is finished first (Range), not asked for again.
-        earlier = take_answer(store, http.resume_pending(url, downloads(store), progress), progress)
+        rate = store.cfg.rate_limit
+        earlier = take_answer(store, http.resume_pending(url, downloads(store), progress, rate), progress)
     except http.UpstreamError as exc:
         record_upstream(store, exc.reachable, str(exc))
         raise
@@ -480,8 +512,8 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
         try:
             packs: list[dict[str, Any]] = []
             for f in req.files:
-                packs = http.post_request(url, f)
-            paths = [http.download(url, p, downloads(store), progress) for p in packs]
+                packs = http.post_request(url, f, rate)
+            paths = [http.download(url, p, downloads(store), progress, rate) for p in packs]
         except http.UpstreamError as exc:
             record_upstream(store, exc.reachable, str(exc))
             raise

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -145,6 +146,35 @@ def _error(status: int, message: str) -> web.Response:
 # --------------------------------------------------------------------------- client
 
 
+class Throttle:
+    """At most ``rate`` bytes per second on average (0: no cap), by sleeping: the
+    link a school shares with its classrooms is not the sync's alone."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.sent = 0
+
+    def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        self.sent += n
+        ahead = self.sent / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+class _ThrottledFile:
+    def __init__(self, f: Any, throttle: Throttle) -> None:
+        self.f = f
+        self.throttle = throttle
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.f.read(min(n, CHUNK) if n and n > 0 else CHUNK)
+        self.throttle.take(len(data))
+        return data
+
+
 def _connection(url: urllib.parse.SplitResult) -> http.client.HTTPConnection:
     host = url.hostname or ""
     if url.scheme == "https":
@@ -188,11 +218,12 @@ def _json(resp: http.client.HTTPResponse, base: str) -> dict[str, Any]:
     return data
 
 
-def post_request(base: str, path: str) -> list[dict[str, Any]]:
+def post_request(base: str, path: str, rate: int = 0) -> list[dict[str, Any]]:
     """POST a request pack; the answer's pack files (name, size, url)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        conn, resp = _request(base, "POST", f"{API}/sync", body=f,
+        body = _ThrottledFile(f, Throttle(rate)) if rate else f
+        conn, resp = _request(base, "POST", f"{API}/sync", body=body,
                               headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
     try:
         data = _json(resp, base)
@@ -208,8 +239,10 @@ def post_request(base: str, path: str) -> list[dict[str, Any]]:
     return packs
 
 
-def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[int], None] | None = None) -> str:
+def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[int], None] | None = None,
+             rate: int = 0) -> str:
     """Fetch one answer pack into folder, continuing a partial file with Range."""
+    throttle = Throttle(rate)
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, pack["name"])
     part = final + ".part"
@@ -242,6 +275,7 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
                         raise UpstreamError(f"{base}: {pack['name']} is longer than announced", True)
                     f.write(chunk)
                     have += len(chunk)
+                    throttle.take(len(chunk))
                     if progress:
                         progress(len(chunk))
                 f.flush()
@@ -256,7 +290,8 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
     return final
 
 
-def resume_pending(base: str, folder: str, progress: Callable[[int], None] | None = None) -> list[str]:
+def resume_pending(base: str, folder: str, progress: Callable[[int], None] | None = None,
+                   rate: int = 0) -> list[str]:
     """Finish the downloads an earlier sync left cut short (before asking again,
     which would make the server replace them). Returns the completed files; a
     pack the server no longer has is dropped."""
@@ -279,7 +314,7 @@ def resume_pending(base: str, folder: str, progress: Callable[[int], None] | Non
             os.unlink(meta_path)
             continue
         try:
-            done.append(download(base, pack, folder, progress))
+            done.append(download(base, pack, folder, progress, rate))
         except UpstreamError as exc:
             if "404" not in str(exc):
                 raise

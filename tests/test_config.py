@@ -50,6 +50,15 @@ master_key = "{KEY}"
         (BASE + "[media]\ndevices = \"usb\"\n", "media.devices"),
         (BASE + "[collections.stats]\npath = \"/x\"\nwatch = true\n", "collections.stats.watch"),
         (BASE + "[archive]\nkeep_days = -1\n", "archive.keep_days"),
+        (BASE + 'url = "ftp://master"\n', "upstream.url"),
+        (BASE + 'window = "22-06"\n', "upstream.window"),
+        (BASE + 'window = "25:00-06:00"\n', "upstream.window"),
+        (BASE + 'window = "06:00-06:00"\n', "upstream.window"),
+        (BASE + "interval_seconds = -5\n", "upstream.interval_seconds"),
+        (BASE + 'rate_limit = "10B"\n', "upstream.rate_limit"),
+        (BASE.replace("[upstream]", '[upstream]').replace('state_dir = "/var/lib/harmonicd"',
+                                                        'state_dir = "/var/lib/harmonicd"\nlisten = "8080"'),
+         "server.listen"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, key: str) -> None:
@@ -74,3 +83,16 @@ def test_sizes() -> None:
     assert config.parse_size(1000) == 1000
     with pytest.raises(ValueError, match="not a size"):
         config.parse_size("3.9G")
+
+
+def test_sync_window_wraps_past_midnight() -> None:
+    w = config.parse_window("22:00-06:00")
+    assert w == (22 * 60, 6 * 60)
+    assert config.in_window(w, 23 * 60)
+    assert config.in_window(w, 5 * 60 + 59)
+    assert not config.in_window(w, 6 * 60)
+    assert not config.in_window(w, 12 * 60)
+    day = config.parse_window("08:30-17:00")
+    assert config.in_window(day, 8 * 60 + 30)
+    assert not config.in_window(day, 17 * 60)
+    assert config.in_window(None, 0)

@@ -13,13 +13,20 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Server, make_master, make_school, tree_digest, write_tree
-from tests.daemon.conftest import DaemonProc
+from tests.daemon.conftest import DaemonProc, wait_for
+
+
+def no_auto_sync(server: Server) -> None:
+    """Online syncs only when the test asks (upstream.interval_seconds = 0)."""
+    text = server.config.read_text()
+    server.config.write_text(text.replace("interval_seconds = 3600", "interval_seconds = 0"))
 
 
 def free_port() -> int:
@@ -111,6 +118,7 @@ def online(tmp_path: Path) -> Callable[..., tuple[Server, Server, int]]:
         m, key = make_master(tmp_path, "master-1", "--listen", f"127.0.0.1:{port}")
         s = make_school(tmp_path, m, key, "school-1", "--upstream",
                         f"http://127.0.0.1:{upstream_port or port}")
+        no_auto_sync(s)
         return m, s, port
 
     return make
@@ -156,6 +164,7 @@ def test_cut_download_resumes_with_range(tmp_path: Path, online: Callable[..., t
     with CuttingProxy(master_port) as proxy:
         m, key = make_master(tmp_path, "master-1", "--listen", f"127.0.0.1:{master_port}")
         s = make_school(tmp_path, m, key, "school-1", "--upstream", f"http://127.0.0.1:{proxy.port}")
+        no_auto_sync(s)
         src = tmp_path / "content"
         write_tree(src, {f"pic{i}.jpg": os.urandom(200_000) for i in range(10)})
         m.ctl("publish", "content", str(src))
@@ -186,6 +195,7 @@ def test_unenrolled_school_is_refused_and_says_why(tmp_path: Path, start_daemon:
     stranger = Server("school-9", tmp_path / "school-9.toml", tmp_path / "school-9")
     stranger.ctl("init", "node", "--id", "school-9", "--state-dir", str(stranger.state), "--master-key", key,
                  "--socket", str(tmp_path / "s9-run" / "control.sock"), "--upstream", f"http://127.0.0.1:{port}")
+    no_auto_sync(stranger)
     start_daemon(m)
     d = start_daemon(stranger)
     rc, _out, err = _sync(stranger)
@@ -206,3 +216,42 @@ def test_unreachable_upstream_is_shown(tmp_path: Path, online: Callable[..., tup
     st = d.status()
     assert st["upstream"]["reachable"] is False
     assert json.dumps(st["upstream"]["last_error"]).count("refused") >= 1
+
+
+def test_school_syncs_by_itself_and_backs_off(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    """Without being asked: a sync soon after start, then every interval; a failing
+    upstream is tried again later (backoff), and the next try after it comes back works."""
+    port = free_port()
+    m, key = make_master(tmp_path, "master-1", "--listen", f"127.0.0.1:{port}")
+    s = make_school(tmp_path, m, key, "school-1", "--upstream", f"http://127.0.0.1:{port}")
+    s.config.write_text(s.config.read_text().replace("interval_seconds = 3600", "interval_seconds = 2"))
+    src = tmp_path / "content"
+    write_tree(src, {"a.txt": b"one\n"})
+    m.ctl("publish", "content", str(src))
+    d = start_daemon(s)  # the master is not running yet: the first tries fail
+    wait_for(lambda: (d.status()["upstream"] or {}).get("reachable") is False, 30, what="a failed first sync")
+    start_daemon(m)
+    wait_for(lambda: next(c for c in d.status()["collections"] if c["name"] == "content")["seq"] == 1,
+             60, what="content release 1 fetched without being asked")
+    write_tree(src, {"a.txt": b"two\n"})
+    m.ctl("publish", "content", str(src))
+    wait_for(lambda: (s.deploy / "content" / "a.txt").read_bytes() == b"two\n", 30,
+             what="release 2 fetched at the next interval")
+    assert d.status()["upstream"]["last_error"] is None
+
+
+def test_rate_limit_caps_the_download(tmp_path: Path, online: Callable[..., tuple[Server, Server, int]],
+                                      start_daemon: Callable[..., DaemonProc]) -> None:
+    m, s, _port = online()
+    s.config.write_text(s.config.read_text().replace("rate_limit = 0", 'rate_limit = "256KiB"'))
+    src = tmp_path / "content"
+    write_tree(src, {"big.bin": os.urandom(1_200_000)})  # incompressible: the pack is as big
+    m.ctl("publish", "content", str(src))
+    start_daemon(m)
+    start_daemon(s)
+    t0 = time.monotonic()
+    rc, _out, err = _sync(s)
+    took = time.monotonic() - t0
+    assert rc == 0, err
+    assert took >= 1_200_000 / (256 << 10) * 0.8, f"1.2 MB at 256 KiB/s took only {took:.1f} s"
+    assert tree_digest(s.deploy / "content") == tree_digest(src)
