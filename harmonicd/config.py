@@ -78,6 +78,7 @@ class Config:
     sync_interval: float = DEFAULT_SYNC_INTERVAL  # seconds between online syncs (jittered)
     sync_window: tuple[int, int] | None = None  # minutes after midnight (local time): start, end
     rate_limit: int = 0  # bytes/s each way for online sync; 0: no cap
+    sync_timeout: float = 60.0  # seconds without a byte before an online transfer gives up
 
     @property
     def is_master(self) -> bool:
@@ -169,7 +170,8 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if not os.path.isabs(state_dir):
         raise err("server.state_dir", "must be an absolute path")
 
-    upstream = table("upstream", {"url", "master_key", "interval_seconds", "window", "rate_limit"})
+    upstream = table("upstream", {"url", "master_key", "interval_seconds", "window", "rate_limit",
+                                  "timeout_seconds"})
     master_key = None
     if "master_key" in upstream:
         try:
@@ -221,6 +223,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
 
     # 0: no online sync by itself (only when asked: `harmonicctl sync`).
     interval = seconds(upstream, "upstream", "interval_seconds", DEFAULT_SYNC_INTERVAL, 0, 7 * 86400)
+    sync_timeout = seconds(upstream, "upstream", "timeout_seconds", 60.0, 1, 3600)
     window = None
     if "window" in upstream:
         try:
@@ -261,7 +264,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
         admin_group=text(server, "server", "admin_group", "harmonicd-admin"),
         stop_grace_seconds=stop_grace, quiet_seconds=quiet, rescan_seconds=rescan, pending_quota=quota,
         listen=listen,
-        upstream_url=url, sync_interval=interval, sync_window=window, rate_limit=rate,
+        upstream_url=url, sync_interval=interval, sync_window=window, rate_limit=rate, sync_timeout=sync_timeout,
         master_key=master_key, sources=sources, volume_size=volume_size,
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
     )
@@ -291,6 +294,7 @@ def render(cfg: Config) -> str:
             f"interval_seconds = {cfg.sync_interval:g}   # online sync this often (with jitter); 0: only when asked",
             "# window = \"22:00-06:00\"   # start online syncs only in these hours (local time)",
             "rate_limit = 0   # bytes per second each way for online sync; 0: no cap",
+            f"timeout_seconds = {cfg.sync_timeout:g}   # an online transfer with no byte for this long gives up",
             "",
         ]
     for name, src in cfg.sources.items():

@@ -502,8 +502,8 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
     earlier: list[ImportResult] = []
     try:
         # What a cut link left half-downloaded is finished first (Range), not asked for again.
-        rate = store.cfg.rate_limit
-        earlier = take_answer(store, http.resume_pending(url, downloads(store), progress, rate), progress)
+        rate, wait = store.cfg.rate_limit, store.cfg.sync_timeout
+        earlier = take_answer(store, http.resume_pending(url, downloads(store), progress, rate, wait), progress)
     except http.UpstreamError as exc:
         record_upstream(store, exc.reachable, str(exc))
         raise
@@ -512,8 +512,8 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
         try:
             packs: list[dict[str, Any]] = []
             for f in req.files:
-                packs = http.post_request(url, f, rate)
-            paths = [http.download(url, p, downloads(store), progress, rate) for p in packs]
+                packs = http.post_request(url, f, rate, wait)
+            paths = [http.download(url, p, downloads(store), progress, rate, wait) for p in packs]
         except http.UpstreamError as exc:
             record_upstream(store, exc.reachable, str(exc))
             raise

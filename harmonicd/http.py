@@ -184,16 +184,19 @@ def _connection(url: urllib.parse.SplitResult) -> http.client.HTTPConnection:
     raise UpstreamError(f"upstream.url {url.geturl()}: only http:// and https:// are supported", False)
 
 
-def _request(base: str, method: str, path: str, body: Any = None,
-             headers: dict[str, str] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def _request(base: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+             timeout: float = READ_TIMEOUT) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     url = urllib.parse.urlsplit(base)
     conn = _connection(url)
     try:
         conn.connect()
         assert conn.sock is not None
-        conn.sock.settimeout(READ_TIMEOUT)
+        conn.sock.settimeout(timeout)
         conn.request(method, url.path.rstrip("/") + path, body=body, headers=headers or {})
         return conn, conn.getresponse()
+    except TimeoutError:
+        conn.close()
+        raise UpstreamError(f"{base}: no answer within {timeout:g} s (upstream.timeout_seconds)", False) from None
     except OSError as exc:
         conn.close()
         why = exc.strerror or str(exc) or type(exc).__name__
@@ -218,13 +221,14 @@ def _json(resp: http.client.HTTPResponse, base: str) -> dict[str, Any]:
     return data
 
 
-def post_request(base: str, path: str, rate: int = 0) -> list[dict[str, Any]]:
+def post_request(base: str, path: str, rate: int = 0, timeout: float = READ_TIMEOUT) -> list[dict[str, Any]]:
     """POST a request pack; the answer's pack files (name, size, url)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         body = _ThrottledFile(f, Throttle(rate)) if rate else f
         conn, resp = _request(base, "POST", f"{API}/sync", body=body,
-                              headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+                              headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                              timeout=timeout)
     try:
         data = _json(resp, base)
     finally:
@@ -240,7 +244,7 @@ def post_request(base: str, path: str, rate: int = 0) -> list[dict[str, Any]]:
 
 
 def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[int], None] | None = None,
-             rate: int = 0) -> str:
+             rate: int = 0, timeout: float = READ_TIMEOUT) -> str:
     """Fetch one answer pack into folder, continuing a partial file with Range."""
     throttle = Throttle(rate)
     os.makedirs(folder, exist_ok=True)
@@ -256,7 +260,7 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
         have = 0
     if have < want:
         headers = {"Range": f"bytes={have}-"} if have else {}
-        conn, resp = _request(base, "GET", pack["url"], headers=headers)
+        conn, resp = _request(base, "GET", pack["url"], headers=headers, timeout=timeout)
         try:
             if resp.status == 200 and have:
                 have = 0  # the server ignored the Range: start again
@@ -291,7 +295,7 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
 
 
 def resume_pending(base: str, folder: str, progress: Callable[[int], None] | None = None,
-                   rate: int = 0) -> list[str]:
+                   rate: int = 0, timeout: float = READ_TIMEOUT) -> list[str]:
     """Finish the downloads an earlier sync left cut short (before asking again,
     which would make the server replace them). Returns the completed files; a
     pack the server no longer has is dropped."""
@@ -314,7 +318,7 @@ def resume_pending(base: str, folder: str, progress: Callable[[int], None] | Non
             os.unlink(meta_path)
             continue
         try:
-            done.append(download(base, pack, folder, progress, rate))
+            done.append(download(base, pack, folder, progress, rate, timeout))
         except UpstreamError as exc:
             if "404" not in str(exc):
                 raise

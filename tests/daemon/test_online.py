@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -36,18 +37,33 @@ def free_port() -> int:
 
 
 class CuttingProxy:
-    """TCP proxy on loopback that, while ``cut_after`` is set, closes the first
-    response to a GET of a pack after that many body bytes; it records every
-    request head it forwards."""
+    """TCP proxy on loopback between a school and its master. ``fault`` (used
+    once, by the first request it applies to, then cleared):
+
+    - ``("cut", N)``: a pack download is cut after N body bytes;
+    - ``("hang",)``: any request is read and never answered;
+    - ``("html",)``: the sync POST gets a 200 HTML page (a captive portal);
+    - ``("500",)``: the sync POST gets an HTTP 500;
+    - ``("longer",)``: a pack download claims and sends 100 bytes more than the pack.
+
+    It records every request head it forwards."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
-        self.cut_after: int | None = None
+        self.fault: tuple[object, ...] | None = None
         self.heads: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def cut_after(self) -> int | None:
+        return int(self.fault[1]) if self.fault and self.fault[0] == "cut" else None  # type: ignore[call-overload]
+
+    @cut_after.setter
+    def cut_after(self, n: int) -> None:
+        self.fault = ("cut", n)
 
     def __enter__(self) -> CuttingProxy:
         self._thread.start()
@@ -75,14 +91,38 @@ class CuttingProxy:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _take(self, head: bytes) -> tuple[object, ...] | None:
+        f = self.fault
+        if f is None:
+            return None
+        kind = f[0]
+        is_pack = head.startswith(b"GET /v1/packs/")
+        is_sync = head.startswith(b"POST /v1/sync")
+        if kind in ("cut", "longer") and not is_pack:
+            return None
+        if kind in ("html", "500") and not is_sync:
+            return None
+        self.fault = None
+        return f
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         head = await reader.readuntil(b"\r\n\r\n")
         self.heads.append(head.decode("latin-1"))
-        cut = self.cut_after if head.startswith(b"GET /v1/packs/") else None
-        if cut is not None:
-            self.cut_after = None  # only the first pack download is cut
+        fault = self._take(head)
+        if fault is not None and fault[0] == "hang":
+            await asyncio.sleep(3600)
+        if fault is not None and fault[0] in ("html", "500"):
+            body = b"<html><body>Please log in to the hotspot</body></html>" if fault[0] == "html" else b"oops"
+            status = b"200 OK" if fault[0] == "html" else b"500 Internal Server Error"
+            ctype = b"text/html" if fault[0] == "html" else b"text/plain"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+            return
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         up_w.write(head)
+        cut = int(fault[1]) if fault is not None and fault[0] == "cut" else None  # type: ignore[call-overload]
 
         async def upstream() -> None:
             with contextlib.suppress(ConnectionError):
@@ -93,9 +133,22 @@ class CuttingProxy:
         pump = asyncio.create_task(upstream())
         try:
             resp_head = await up_r.readuntil(b"\r\n\r\n")
+            real = re.search(rb"(?i)content-length: (\d+)", resp_head)
+            if fault is not None and fault[0] == "longer" and real is not None:
+                lie = b"Content-Length: " + str(int(real.group(1)) + 100).encode()
+                resp_head = resp_head.replace(real.group(0), lie)
             writer.write(resp_head)
             sent = 0
             while data := await up_r.read(65536):
+                if fault is not None and fault[0] == "longer" and real is not None:
+                    writer.write(data)
+                    sent += len(data)
+                    if sent >= int(real.group(1)):
+                        writer.write(b"x" * 100)  # the lie: more than the pack
+                        await writer.drain()
+                        await asyncio.sleep(5)
+                        return
+                    continue
                 if cut is not None and sent + len(data) >= cut:
                     writer.write(data[: cut - sent])
                     await writer.drain()
@@ -255,3 +308,44 @@ def test_rate_limit_caps_the_download(tmp_path: Path, online: Callable[..., tupl
     assert rc == 0, err
     assert took >= 1_200_000 / (256 << 10) * 0.8, f"1.2 MB at 256 KiB/s took only {took:.1f} s"
     assert tree_digest(s.deploy / "content") == tree_digest(src)
+
+
+@pytest.mark.parametrize(("fault", "says"), [
+    (("hang",), "no answer within 2 s"),
+    (("html",), "captive portal"),
+    (("500",), "500"),
+    (("longer",), "longer than announced"),
+])
+def test_link_faults_are_clear_and_the_next_sync_works(
+        tmp_path: Path, start_daemon: Callable[..., DaemonProc], fault: tuple[object, ...], says: str) -> None:
+    """Each fault: one clear line, status shows it, nothing unverified applied, the
+    school's own data still waiting for its acknowledgement; once the fault is
+    gone the next sync completes."""
+    master_port = free_port()
+    with CuttingProxy(master_port) as proxy:
+        m, key = make_master(tmp_path, "master-1", "--listen", f"127.0.0.1:{master_port}")
+        s = make_school(tmp_path, m, key, "school-1", "--upstream", f"http://127.0.0.1:{proxy.port}")
+        no_auto_sync(s)
+        s.config.write_text(s.config.read_text().replace("timeout_seconds = 60", "timeout_seconds = 2"))
+        src = tmp_path / "content"
+        write_tree(src, {"a.bin": os.urandom(300_000)})
+        m.ctl("publish", "content", str(src))
+        start_daemon(m)
+        d = start_daemon(s)
+        write_tree(s.source("stats"), {"day.json": b"{}\n"})
+        proxy.fault = fault
+        rc, _out, err = _sync(s)
+        assert rc == 1
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert len(lines) == 1, err
+        assert says in lines[0], lines[0]
+        assert "Traceback" not in d.output()
+        st = d.status()
+        assert says in (st["upstream"]["last_error"] or "")
+        assert not (s.deploy / "content").exists(), "something was applied from a faulty transfer"
+        stats = next(c for c in st["collections"] if c["name"] == "stats")
+        assert stats["acked_seq"] < stats["seq"], "the school's statistics must wait for their acknowledgement"
+        rc, _out, err = _sync(s)
+        assert rc == 0, err
+        assert tree_digest(s.deploy / "content") == tree_digest(src)
+        assert d.status()["upstream"]["last_error"] is None
