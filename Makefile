@@ -42,6 +42,7 @@ bench: venv
 	sh scripts/deb-deps.sh $(BENCH_DEBS)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/daemon.py
+	$(BIN)/python benchmarks/online.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
