@@ -86,6 +86,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.activity.bind(loop)
         self.jobs.on_change = self._job_changed
+        # Signals first: the socket answers during recovery, so a stop may come then.
+        for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            loop.add_signal_handler(sig, self.stop, why)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         # The socket first: a second daemon on the same socket must refuse before
         # it waits for the store's lock. Status answers during recovery; READY=1
         # (and the jobs) wait for it.
@@ -104,9 +108,6 @@ class Daemon:
             except BaseException:
                 await self.control.stop()
                 raise
-        for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
-            loop.add_signal_handler(sig, self.stop, why)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
         self._start_watcher(loop)
         what = f"{self.cfg.role} {self.cfg.id}: idle"
         self.notifier.ready(what)
