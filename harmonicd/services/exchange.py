@@ -638,7 +638,9 @@ def for_school(store: Store, school: str) -> Outgoing:
             continue
         releases.append(row)
         roots.append((row.root, theirs[1] if theirs else None))
-    known = _known_from(store, [root for _seq, root in held.values()])
+    # What the school holds matters only when something is to be sent: walking
+    # its trees is most of a no-op sync's cost on a big collection.
+    known = _known_from(store, [root for _seq, root in held.values()]) if releases else set()
     acks = []
     for c in db.collections():
         if c.mode == "archive" and c.owner == school and c.root is not None:
