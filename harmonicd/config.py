@@ -78,6 +78,7 @@ class Config:
     sync_interval: float = DEFAULT_SYNC_INTERVAL  # seconds between online syncs (jittered)
     sync_window: tuple[int, int] | None = None  # minutes after midnight (local time): start, end
     rate_limit: int = 0  # bytes/s each way for online sync; 0: no cap
+    max_request: int = 4_000_000_000  # largest request pack a school may send online
     sync_timeout: float = 60.0  # seconds without a byte before an online transfer gives up
 
     @property
@@ -157,7 +158,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
             raise err(k, f"unknown section (known: {', '.join(sorted(known))})")
 
     server = table("server", {"id", "role", "state_dir", "socket", "listen", "socket_group", "admin_group",
-                              "stop_grace_seconds"})
+                              "stop_grace_seconds", "max_request"})
     sid_text = text(server, "server", "id")
     try:
         sid = check_server_id(sid_text)
@@ -224,6 +225,12 @@ def validate(data: dict[str, Any], path: str) -> Config:
     # 0: no online sync by itself (only when asked: `harmonicctl sync`).
     interval = seconds(upstream, "upstream", "interval_seconds", DEFAULT_SYNC_INTERVAL, 0, 7 * 86400)
     sync_timeout = seconds(upstream, "upstream", "timeout_seconds", 60.0, 1, 3600)
+    try:
+        max_request = parse_size(server.get("max_request", 4_000_000_000))
+    except ValueError as exc:
+        raise err("server.max_request", str(exc)) from None
+    if max_request < 1024:
+        raise err("server.max_request", "must be at least 1 KiB")
     window = None
     if "window" in upstream:
         try:
@@ -265,6 +272,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
         stop_grace_seconds=stop_grace, quiet_seconds=quiet, rescan_seconds=rescan, pending_quota=quota,
         listen=listen,
         upstream_url=url, sync_interval=interval, sync_window=window, rate_limit=rate, sync_timeout=sync_timeout,
+        max_request=max_request,
         master_key=master_key, sources=sources, volume_size=volume_size,
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
     )

@@ -68,7 +68,7 @@ class Daemon:
         self.control = ControlServer(self, cfg.socket, cfg.socket_group, cfg.admin_group)
         self.peer: PeerServer | None = None
         if cfg.listen:
-            self.peer = PeerServer(cfg.id, cfg.role, cfg.state_dir, cfg.listen, self._answer)
+            self.peer = PeerServer(cfg.id, cfg.role, cfg.state_dir, cfg.listen, self._answer, cfg.max_request)
         self.watcher: FolderWatcher | None = None
         self.started = time.time()
         self._stop = asyncio.Event()

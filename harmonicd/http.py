@@ -44,6 +44,7 @@ API = "/v1"
 MAX_REQUEST = 4_000_000_000  # a request pack carries a school's new statistics and backups
 CONNECT_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0  # seconds without a byte before a transfer is given up (and resumed next time)
+MIN_RATE = 1024  # bytes/s: a transfer slower than this for longer than its timeout is given up
 CHUNK = 256 << 10
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,80}-\d{8}T\d{6}-[0-9a-f]{12}-v\d{3}\.hpk\Z")
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -64,7 +65,9 @@ class UpstreamError(HarmonicError):
 
 
 class PeerServer:
-    def __init__(self, server_id: str, role: str, state_dir: str, listen: str, answerer: Answerer) -> None:
+    def __init__(self, server_id: str, role: str, state_dir: str, listen: str, answerer: Answerer,
+                 max_request: int = MAX_REQUEST) -> None:
+        self.max_request = max_request
         self.server_id = server_id
         self.role = role
         self.state_dir = state_dir
@@ -96,8 +99,8 @@ class PeerServer:
 
     async def _sync(self, request: web.Request) -> web.StreamResponse:
         length = request.content_length
-        if length is not None and length > MAX_REQUEST:
-            return _error(413, f"request pack larger than {MAX_REQUEST} bytes")
+        if length is not None and length > self.max_request:
+            return _error(413, f"request pack larger than {self.max_request} bytes (server.max_request)")
         tmp_dir = os.path.join(self.state_dir, "tmp")
         os.makedirs(tmp_dir, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix="request-", suffix=".hpk", dir=tmp_dir)
@@ -106,8 +109,8 @@ class PeerServer:
             with os.fdopen(fd, "wb") as f:
                 async for chunk in request.content.iter_chunked(CHUNK):
                     got += len(chunk)
-                    if got > MAX_REQUEST:
-                        return _error(413, f"request pack larger than {MAX_REQUEST} bytes")
+                    if got > self.max_request:
+                        return _error(413, f"request pack larger than {self.max_request} bytes (server.max_request)")
                     f.write(chunk)
             if length is not None and got != length:
                 return _error(400, f"request body cut short ({got} of {length} bytes)")
@@ -206,8 +209,28 @@ def _request(base: str, method: str, path: str, body: Any = None, headers: dict[
         raise UpstreamError(f"{base}: the upstream's answer is not HTTP ({exc!r})", True) from None
 
 
-def _json(resp: http.client.HTTPResponse, base: str) -> dict[str, Any]:
-    raw = resp.read(1 << 20)
+def _read_body(resp: http.client.HTTPResponse, base: str, limit: int, timeout: float) -> bytes:
+    """A small answer, whole: bounded in size (an endless body) and in time (a drip)."""
+    started = time.monotonic()
+    parts: list[bytes] = []
+    n = 0
+    while True:
+        try:
+            chunk = resp.read1(65536)
+        except (OSError, http.client.HTTPException) as exc:
+            raise UpstreamError(f"{base}: the answer was cut off ({exc})", False) from None
+        if not chunk:
+            return b"".join(parts)
+        n += len(chunk)
+        parts.append(chunk)
+        if n > limit:
+            raise UpstreamError(f"{base}: the answer is larger than {limit} bytes", True)
+        if time.monotonic() - started > timeout:
+            raise UpstreamError(f"{base}: the answer took longer than {timeout:g} s", False)
+
+
+def _json(resp: http.client.HTTPResponse, base: str, timeout: float = READ_TIMEOUT) -> dict[str, Any]:
+    raw = _read_body(resp, base, 1 << 20, timeout)
     ctype = resp.getheader("Content-Type", "")
     if "json" not in ctype:
         hint = " (a captive portal's login page?)" if "html" in ctype else ""
@@ -230,7 +253,7 @@ def post_request(base: str, path: str, rate: int = 0, timeout: float = READ_TIME
                               headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
                               timeout=timeout)
     try:
-        data = _json(resp, base)
+        data = _json(resp, base, timeout)
     finally:
         conn.close()
     if resp.status != 200:
@@ -247,6 +270,7 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
              rate: int = 0, timeout: float = READ_TIMEOUT) -> str:
     """Fetch one answer pack into folder, continuing a partial file with Range."""
     throttle = Throttle(rate)
+    started = time.monotonic()
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, pack["name"])
     part = final + ".part"
@@ -258,18 +282,19 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
     if have > want:
         os.unlink(part)
         have = 0
+    start_at = have
     if have < want:
         headers = {"Range": f"bytes={have}-"} if have else {}
         conn, resp = _request(base, "GET", pack["url"], headers=headers, timeout=timeout)
         try:
             if resp.status == 200 and have:
-                have = 0  # the server ignored the Range: start again
+                have = start_at = 0  # the server ignored the Range: start again
             elif resp.status not in (200, 206):
                 raise UpstreamError(f"{base}: {pack['name']}: {resp.status} {resp.reason}", True)
             with open(part, "ab" if have else "wb") as f:
                 while True:
                     try:
-                        chunk = resp.read(CHUNK)
+                        chunk = resp.read1(CHUNK)  # what has arrived: a drip must not stall the pace check
                     except (OSError, http.client.HTTPException) as exc:
                         raise UpstreamError(f"{base}: {pack['name']} cut off at {have} of {want} bytes "
                                             f"({exc}); the next sync continues from there", False) from None
@@ -280,6 +305,7 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
                     f.write(chunk)
                     have += len(chunk)
                     throttle.take(len(chunk))
+                    _check_pace(base, pack["name"], have - start_at, started, timeout, have, want)
                     if progress:
                         progress(len(chunk))
                 f.flush()
@@ -292,6 +318,16 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
     os.replace(part, final)
     os.unlink(final + ".json")
     return final
+
+
+def _check_pace(base: str, name: str, got: int, started: float, timeout: float, have: int, want: int) -> None:
+    """A link that drips (a byte now and then, so the read timeout never fires)
+    is given up once it has been slower than MIN_RATE for longer than the timeout."""
+    elapsed = time.monotonic() - started
+    if elapsed > timeout and got < MIN_RATE * elapsed:
+        raise UpstreamError(f"{base}: {name} arrives at {got / elapsed:.0f} B/s, under {MIN_RATE} B/s for "
+                            f"{elapsed:.0f} s; stopped at {have} of {want} bytes, the next sync continues "
+                            "from there", False)
 
 
 def resume_pending(base: str, folder: str, progress: Callable[[int], None] | None = None,

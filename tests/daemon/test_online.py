@@ -44,7 +44,8 @@ class CuttingProxy:
     - ``("hang",)``: any request is read and never answered;
     - ``("html",)``: the sync POST gets a 200 HTML page (a captive portal);
     - ``("500",)``: the sync POST gets an HTTP 500;
-    - ``("longer",)``: a pack download claims and sends 100 bytes more than the pack.
+    - ``("longer",)``: a pack download claims and sends 100 bytes more than the pack;
+    - ``("drip",)``: a pack download comes at two bytes a second.
 
     It records every request head it forwards."""
 
@@ -98,7 +99,7 @@ class CuttingProxy:
         kind = f[0]
         is_pack = head.startswith(b"GET /v1/packs/")
         is_sync = head.startswith(b"POST /v1/sync")
-        if kind in ("cut", "longer") and not is_pack:
+        if kind in ("cut", "longer", "drip") and not is_pack:
             return None
         if kind in ("html", "500") and not is_sync:
             return None
@@ -140,6 +141,12 @@ class CuttingProxy:
             writer.write(resp_head)
             sent = 0
             while data := await up_r.read(65536):
+                if fault is not None and fault[0] == "drip":
+                    for i in range(len(data)):  # a byte at a time: the read timeout never fires
+                        writer.write(data[i:i + 1])
+                        await writer.drain()
+                        await asyncio.sleep(0.5)
+                    continue
                 if fault is not None and fault[0] == "longer" and real is not None:
                     writer.write(data)
                     sent += len(data)
@@ -312,6 +319,7 @@ def test_rate_limit_caps_the_download(tmp_path: Path, online: Callable[..., tupl
 
 @pytest.mark.parametrize(("fault", "says"), [
     (("hang",), "no answer within 2 s"),
+    (("drip",), "under 1024 B/s"),
     (("html",), "captive portal"),
     (("500",), "500"),
     (("longer",), "longer than announced"),
@@ -349,3 +357,20 @@ def test_link_faults_are_clear_and_the_next_sync_works(
         assert rc == 0, err
         assert tree_digest(s.deploy / "content") == tree_digest(src)
         assert d.status()["upstream"]["last_error"] is None
+
+
+def test_request_over_the_servers_limit_is_refused(tmp_path: Path, online: Callable[..., tuple[Server, Server, int]],
+                                                  start_daemon: Callable[..., DaemonProc]) -> None:
+    m, s, _port = online()
+    text = m.config.read_text()
+    m.config.write_text(text.replace('listen = "', 'max_request = "2KiB"\nlisten = "', 1))
+    start_daemon(m)
+    d = start_daemon(s)
+    write_tree(s.source("backup"), {"work.bin": os.urandom(50_000)})  # the request carries it: > 2 KiB
+    rc, _out, err = _sync(s)
+    assert rc == 1
+    assert "sync refused (413)" in err, err
+    assert "server.max_request" in err, err
+    backup = next(c for c in d.status()["collections"] if c["name"] == "backup")
+    assert backup["acked_seq"] < backup["seq"], "the backup must still wait for its acknowledgement"
+    m.config.write_text(text)  # the limit lifted (a restart applies it)
