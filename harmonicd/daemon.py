@@ -40,7 +40,7 @@ from harmonicd import __version__
 from harmonicd import config as config_mod
 from harmonicd.activity import Activity
 from harmonicd.config import Config
-from harmonicd.control import ControlServer
+from harmonicd.control import ControlServer, prepare_socket_path
 from harmonicd.errors import ConfigError, HarmonicError, StartupError, StateError, UsageError
 from harmonicd.http import PeerServer
 from harmonicd.jobs import JobRunner, Outcome
@@ -90,25 +90,22 @@ class Daemon:
         for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.stop, why)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        # The socket first: a second daemon on the same socket must refuse before
-        # it waits for the store's lock. Status answers during recovery; READY=1
-        # (and the jobs) wait for it.
-        await self.control.start()
+        # A second daemon on the same socket (or something planted at its path)
+        # is refused before it waits for the store's lock; the socket itself is
+        # bound after recovery, so a daemon that answers is a daemon that is ready.
+        prepare_socket_path(self.cfg.socket, self.cfg.socket_group)
         try:
             await loop.run_in_executor(self._pool, self._startup_checks)
         except (StateError, ConfigError) as exc:
-            await self.control.stop()
             raise StartupError(str(exc)) from None
-        except BaseException:
-            await self.control.stop()
-            raise
+        self._start_watcher(loop)
+        await self.control.start()
         if self.peer is not None:
             try:
                 await self.peer.start()
             except BaseException:
                 await self.control.stop()
                 raise
-        self._start_watcher(loop)
         what = f"{self.cfg.role} {self.cfg.id}: idle"
         self.notifier.ready(what)
         log.info("harmonicd %s started as %s %s; control socket %s", __version__, self.cfg.role,
