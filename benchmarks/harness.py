@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import blake3
@@ -413,6 +413,33 @@ def mount_state_fs(work: str) -> str:
     subprocess.run(["mount", "-o", "loop", img, mnt], check=True)
     _MOUNTED.append(mnt)
     return mnt
+
+
+@contextlib.contextmanager
+def state_area(fs: str | None, folder: str) -> Iterator[tuple[str, str]]:
+    """Where a benchmark's servers keep their state: a fresh ext4 image mounted
+    under folder (fs "image"; the default when root and mkfs.ext4 exists) or
+    folder itself ("work"). Yields (path, a description for the results)."""
+    if fs is None:
+        fs = "image" if os.geteuid() == 0 and shutil.which("mkfs.ext4") else "work"
+    if fs != "image":
+        yield folder, "the work folder's own file system"
+        return
+    mnt = mount_state_fs(folder)
+    try:
+        yield mnt, "fresh ext4 image (mkfs.ext4 defaults, journal), loop-mounted"
+    finally:
+        unmount_state_fs(mnt)
+
+
+def rerender(json_path: str, render: Callable[[dict[str, object]], str]) -> None:
+    """--render: rewrite the markdown next to a results JSON file."""
+    with open(json_path) as f:
+        data = json.load(f)
+    md = os.path.splitext(json_path)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(render(data))
+    print(f"wrote {md}")
 
 
 def unmount_state_fs(mnt: str) -> None:

@@ -425,12 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
     a = p.parse_args(argv)
     if a.render:
-        with open(a.render) as f:
-            data = json.load(f)
-        md = os.path.splitext(a.render)[0] + ".md"
-        with open(md, "w") as f:
-            f.write(render_md(data))
-        print(f"wrote {md}")
+        h.rerender(a.render, render_md)
         return 0
     sizes = R.QUICK if a.quick else R.FULL
     a.tree_mib, a.files, a.small_files = sizes["tree_mib"], sizes["files"], sizes["small_files"]
@@ -443,25 +438,14 @@ def main(argv: list[str] | None = None) -> int:
         info = h.snapshot_code(os.path.join(own, "code"))
         print(f"harmonicd: snapshot of commit {info['commit']}{' + uncommitted changes' if info['dirty'] else ''}",
               flush=True)
-    if a.fs is None:
-        a.fs = "image" if os.geteuid() == 0 and shutil.which("mkfs.ext4") else "work"
     t0 = time.perf_counter()
     rep = Report()
-    if a.fs == "image":
-        a.state = h.mount_state_fs(own)
-        rep.raw["state_fs"] = "a fresh ext4 image (mkfs.ext4 defaults, journal), loop-mounted"
-    else:
-        a.state = own
-        rep.raw["state_fs"] = "the work folder's own file system"
-    print(f"server state on: {rep.raw['state_fs']}", flush=True)
-    try:
+    with h.state_area(a.fs, own) as (a.state, rep.raw["state_fs"]):
+        print(f"server state on: {rep.raw['state_fs']}", flush=True)
         if a.only in (None, "noop"):
             bench_noop(a, rep)
         if a.only in (None, "change"):
             bench_change(a, rep)
-    finally:
-        if a.fs == "image":
-            h.unmount_state_fs(a.state)
     elapsed = time.perf_counter() - t0
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     data = {"command": "python benchmarks/online.py " + " ".join(sys.argv[1:] if argv is None else argv),

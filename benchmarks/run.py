@@ -658,12 +658,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs of the first sync's export and import (the fastest counts; default 2)")
     a = p.parse_args(argv)
     if a.render:
-        with open(a.render) as f:
-            data = json.load(f)
-        md = os.path.splitext(a.render)[0] + ".md"
-        with open(md, "w") as f:
-            f.write(render_md(data))
-        print(f"wrote {md}")
+        h.rerender(a.render, render_md)
         return 0
     sizes = QUICK if a.quick else FULL
     for k, v in sizes.items():
@@ -687,22 +682,11 @@ def main(argv: list[str] | None = None) -> int:
         info = h.snapshot_code(os.path.join(a.work, "code"))
         print(f"harmonicd: snapshot of commit {info['commit']}{' + uncommitted changes' if info['dirty'] else ''}"
               f" in {info['path']}", flush=True)
-    if a.fs is None:
-        a.fs = "image" if os.geteuid() == 0 and shutil.which("mkfs.ext4") else "work"
     t0 = time.perf_counter()
     rep = Report()
-    if a.fs == "image":
-        a.state = h.mount_state_fs(a.work)
-        rep.raw["state_fs"] = "fresh ext4 image (mkfs.ext4 defaults, journal), loop-mounted"
-    else:
-        a.state = a.work
-        rep.raw["state_fs"] = "the work folder's own file system"
-    print(f"server state on: {rep.raw['state_fs']} ({a.state})", flush=True)
-    try:
+    with h.state_area(a.fs, a.work) as (a.state, rep.raw["state_fs"]):
+        print(f"server state on: {rep.raw['state_fs']} ({a.state})", flush=True)
         run_all(a, rep, only)
-    finally:
-        if a.fs == "image":
-            h.unmount_state_fs(a.state)
     write_results(a, rep, time.perf_counter() - t0)
     return 0
 
