@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -42,9 +41,9 @@ from harmonicd.activity import Activity
 from harmonicd.config import Config
 from harmonicd.control import ControlServer, prepare_socket_path
 from harmonicd.errors import ConfigError, HarmonicError, StartupError, StateError, UsageError
-from harmonicd.http import PeerServer
 from harmonicd.jobs import JobRunner, Outcome
 from harmonicd.logs import setup_daemon_logging
+from harmonicd.peer.server import PeerServer
 from harmonicd.store import durable
 from harmonicd.store.store import Store
 from harmonicd.systemd import Notifier
@@ -485,45 +484,9 @@ def _sync_work(store: Store, progress: Callable[[int], None]) -> Outcome:
         made = publish_changed_sources(store)
         return Outcome("no upstream.url configured: this school syncs by stick only",
                        {"published": [f"{n} release {s}" for n, s in made]}, ok=False)
+    from harmonicd.peer.sync import sync_online
+
     return sync_online(store, progress)
-
-
-def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
-    """One online sync: the request pack up, the answer's packs down (resumed
-    where a cut download stopped), applied as from a stick."""
-    from harmonicd import http
-    from harmonicd.services.exchange import ImportResult
-    from harmonicd.services.online import downloads, make_request, record_upstream, take_answer
-
-    url = store.cfg.upstream_url
-    folder = os.path.join(store.dir, "tmp", f"request-{os.getpid()}-{os.urandom(4).hex()}")
-    earlier: list[ImportResult] = []
-    try:
-        # What a cut link left half-downloaded is finished first (Range), not asked for again.
-        rate, wait = store.cfg.rate_limit, store.cfg.sync_timeout
-        earlier = take_answer(store, http.resume_pending(url, downloads(store), progress, rate, wait), progress)
-    except http.UpstreamError as exc:
-        record_upstream(store, exc.reachable, str(exc))
-        raise
-    try:
-        req = make_request(store, folder)
-        try:
-            packs: list[dict[str, Any]] = []
-            for f in req.files:
-                packs = http.post_request(url, f, rate, wait)
-            paths = [http.download(url, p, downloads(store), progress, rate, wait) for p in packs]
-        except http.UpstreamError as exc:
-            record_upstream(store, exc.reachable, str(exc))
-            raise
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    results = earlier + take_answer(store, paths, progress)
-    record_upstream(store, True, None)
-    received = [f"{a} from {r.sender}" for r in results for a in r.applied]
-    acked = [f"{r.sender} confirmed {a}" for r in results for a in r.acked]
-    data = {"received": received, "acked": acked, "published": [f"{n} release {s}" for n, s in req.published]}
-    what = "; ".join(received + acked) or "nothing new"
-    return Outcome(f"synced with {url}: {what}", data)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -5,7 +5,7 @@ pack it would write into ``to-master/`` on a stick (its have-state and its
 own new releases, signed by its key); the master answers with the pack it
 would write into ``to-<school>/``. Both sides decide and apply through
 services/exchange.py, so what is sent and what is accepted cannot differ
-between the two. The HTTP shell (harmonicd/http.py) only moves files.
+between the two. The HTTP shell (harmonicd/peer/) only moves files.
 
 The master keeps each school's latest answer in ``outbox/<school>/`` until
 the next sync replaces it, so a school whose link drops mid-download takes

@@ -1,153 +1,28 @@
-"""The peer HTTP API (docs/http-api.md): packs over HTTP instead of a stick.
+"""The peer HTTP API's client side: a school's sync job, in a worker thread.
 
-Server (a master, or any server with ``server.listen``), aiohttp on TCP:
-
-    POST /v1/sync                     body: a school's request pack; answer: JSON naming
-                                      the answer's pack files
-    GET  /v1/packs/<school>/<name>    one answer pack file (Range requests: resumable)
-    GET  /v1/health                   who answers
-
-Who may sync is decided by the request pack itself: it must be signed by an
-enrolled school and addressed to this server, exactly as on a stick
-(services/exchange.py); its pack id is recorded, so a replayed request
-changes nothing. Answer files are named by a random pack id the school only
-learns from the master's answer.
-
-Client (a school's sync job, in a worker thread): blocking http.client with
-connect/read timeouts; a download cut short is resumed from where it
-stopped with a Range request.
+Blocking http.client with connect/read timeouts; a download cut short is
+resumed from where it stopped with a Range request.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.client
 import json
 import logging
 import os
-import re
-import tempfile
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-
-from harmonicd import __version__
-from harmonicd.errors import HarmonicError, PackError, TrustError
+from harmonicd.peer import API, CHUNK, PACK_NAME, UpstreamError
 
 log = logging.getLogger("harmonicd")
 
-API = "/v1"
-MAX_REQUEST = 4_000_000_000  # a request pack carries a school's new statistics and backups
 CONNECT_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0  # seconds without a byte before a transfer is given up (and resumed next time)
 MIN_RATE = 1024  # bytes/s: a transfer slower than this for longer than its timeout is given up
-CHUNK = 256 << 10
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,80}-\d{8}T\d{6}-[0-9a-f]{12}-v\d{3}\.hpk\Z")
-_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
-
-# (request pack path) -> (school id, [(answer file path, size)]); runs the store work as a job
-Answerer = Callable[[str], Awaitable[tuple[str, list[tuple[str, int]]]]]
-
-
-class UpstreamError(HarmonicError):
-    """The upstream could not be reached or refused the sync."""
-
-    def __init__(self, message: str, reachable: bool) -> None:
-        super().__init__(message)
-        self.reachable = reachable
-
-
-# --------------------------------------------------------------------------- server
-
-
-class PeerServer:
-    def __init__(self, server_id: str, role: str, state_dir: str, listen: str, answerer: Answerer,
-                 max_request: int = MAX_REQUEST) -> None:
-        self.max_request = max_request
-        self.server_id = server_id
-        self.role = role
-        self.state_dir = state_dir
-        self.listen = listen
-        self.answerer = answerer
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        host, _, port = self.listen.rpartition(":")
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_post(f"{API}/sync", self._sync)
-        app.router.add_get(f"{API}/packs/{{school}}/{{name}}", self._pack)
-        app.router.add_get(f"{API}/health", self._health)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            raise HarmonicError(f"server.listen {self.listen}: cannot listen ({exc.strerror})") from None
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _health(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"id": self.server_id, "role": self.role, "version": __version__})
-
-    async def _sync(self, request: web.Request) -> web.StreamResponse:
-        length = request.content_length
-        if length is not None and length > self.max_request:
-            return _error(413, f"request pack larger than {self.max_request} bytes (server.max_request)")
-        tmp_dir = os.path.join(self.state_dir, "tmp")
-        os.makedirs(tmp_dir, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="request-", suffix=".hpk", dir=tmp_dir)
-        try:
-            got = 0
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in request.content.iter_chunked(CHUNK):
-                    got += len(chunk)
-                    if got > self.max_request:
-                        return _error(413, f"request pack larger than {self.max_request} bytes (server.max_request)")
-                    f.write(chunk)
-            if length is not None and got != length:
-                return _error(400, f"request body cut short ({got} of {length} bytes)")
-            try:
-                school, files = await self.answerer(path)
-            except (PackError, TrustError) as exc:
-                log.warning("online sync refused from %s: %s", request.remote, exc)
-                return _error(403, f"request refused: {exc}")
-            except HarmonicError as exc:
-                log.error("online sync from %s failed: %s", request.remote, exc)
-                return _error(503, f"the server could not answer: {exc}")
-        finally:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        packs = [{"name": os.path.basename(p), "size": size,
-                  "url": f"{API}/packs/{school}/{os.path.basename(p)}"} for p, size in files]
-        return web.json_response({"server": self.server_id, "school": school, "packs": packs})
-
-    async def _pack(self, request: web.Request) -> web.StreamResponse:
-        school, name = request.match_info["school"], request.match_info["name"]
-        if not _ID.match(school) or not _NAME.match(name):
-            return _error(404, "no such pack")
-        path = os.path.join(self.state_dir, "outbox", school, name)
-        if not await asyncio.to_thread(os.path.isfile, path):
-            return _error(404, "no such pack (a newer sync replaced it?)")
-        # FileResponse answers Range requests: a cut download resumes where it stopped.
-        return web.FileResponse(path, headers={"Cache-Control": "private, max-age=0"})
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-# --------------------------------------------------------------------------- client
-
 
 class Throttle:
     """At most ``rate`` bytes per second on average (0: no cap), by sleeping: the
@@ -260,7 +135,7 @@ def post_request(base: str, path: str, rate: int = 0, timeout: float = READ_TIME
         raise UpstreamError(f"{base}: sync refused ({resp.status}): {data.get('error', 'no reason given')}", True)
     packs = data.get("packs")
     if not isinstance(packs, list) or not all(
-            isinstance(p, dict) and isinstance(p.get("name"), str) and _NAME.match(p["name"])
+            isinstance(p, dict) and isinstance(p.get("name"), str) and PACK_NAME.match(p["name"])
             and isinstance(p.get("size"), int) and isinstance(p.get("url"), str) for p in packs):
         raise UpstreamError(f"{base}: the sync answer does not list packs as expected", True)
     return packs
@@ -347,7 +222,7 @@ def resume_pending(base: str, folder: str, progress: Callable[[int], None] | Non
         try:
             with open(meta_path) as f:
                 pack = json.load(f)
-            ok = isinstance(pack, dict) and _NAME.match(str(pack.get("name"))) and isinstance(pack.get("size"), int)
+            ok = isinstance(pack, dict) and PACK_NAME.match(str(pack.get("name"))) and isinstance(pack.get("size"), int)
         except (OSError, ValueError):
             ok = False
         if not ok:
