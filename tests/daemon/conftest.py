@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,13 +77,14 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
     started: list[DaemonProc] = []
 
     def start(server: Server, env: dict[str, str] | None = None, wait: bool = True,
-              timeout: float = 30) -> DaemonProc:
+              timeout: float = 30, prefix: Sequence[str] = ()) -> DaemonProc:
         e = {k: v for k, v in os.environ.items()
              if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "HARMONICD_CRASH_AT", "JOURNAL_STREAM")}
         e.update(env or {})
         log = tmp_path / f"{server.name}-daemon-{len(started)}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([*HARMONICD, "--config", str(server.config)], stdout=out,
+            # prefix: e.g. `ip netns exec NAME`, which execs the daemon (same pid, so kill() reaches it)
+            proc = subprocess.Popen([*prefix, *HARMONICD, "--config", str(server.config)], stdout=out,
                                     stderr=subprocess.STDOUT, env=e)
         d = DaemonProc(server, proc, log, server.cfg().socket, env or {})
         started.append(d)
