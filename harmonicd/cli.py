@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harmonicd import __version__
 from harmonicd import config as config_mod
@@ -23,8 +23,9 @@ from harmonicd.config import NODE_COLLECTIONS, Config
 from harmonicd.core import keys
 from harmonicd.core.ident import check_school_id, check_server_id
 from harmonicd.errors import ConfigError, DaemonNotRunning, HarmonicError, UsageError
-from harmonicd.store import durable
-from harmonicd.store.store import Store
+
+if TYPE_CHECKING:
+    from harmonicd.store.store import Store
 
 log = logging.getLogger("harmonicd")
 
@@ -104,6 +105,15 @@ def _run(args: argparse.Namespace, path: str) -> int:
     if cmd == "init":
         return _init(args, path)
     cfg = config_mod.load(path)
+    # The commands that only talk to the daemon come first: they must not pay
+    # for importing the store (sync --wait is timed against rsync).
+    if cmd == "sync":
+        return _sync(cfg, args.wait)
+    if cmd == "watch":
+        return _watch(cfg)
+    from harmonicd.store import durable
+    from harmonicd.store.store import Store
+
     if cmd == "key":
         with Store(cfg, lock=False) as store:
             print(keys.format_key(store.key.public))
@@ -120,10 +130,6 @@ def _run(args: argparse.Namespace, path: str) -> int:
         else:
             print(_render_status(st))
         return 0
-    if cmd == "sync":
-        return _sync(cfg, args.wait)
-    if cmd == "watch":
-        return _watch(cfg)
     _become_state_owner(cfg)
     with Store(cfg) as store:
         from harmonicd.services.maintenance import recover
@@ -217,6 +223,7 @@ def _as_toml_dict(cfg: Config) -> dict[str, Any]:
 
 def _exchange(store: Store, folder: str) -> int:
     from harmonicd.services.exchange import exchange
+    from harmonicd.store import durable
 
     if not os.path.isdir(folder):
         raise UsageError(f"{folder} is not a folder")
@@ -250,7 +257,7 @@ def _exchange(store: Store, folder: str) -> int:
 
 def _daemon_status(cfg: Config) -> dict[str, Any] | None:
     """The daemon's own status (live fields included), or None when it does not answer."""
-    from harmonicd import control
+    from harmonicd import ctlclient as control
 
     try:
         code, st = control.call(cfg.socket, "GET", f"{control.API}/status", timeout=10)
@@ -281,7 +288,7 @@ def _become_state_owner(cfg: Config) -> None:
 
 
 def _sync(cfg: Config, wait: bool) -> int:
-    from harmonicd import control
+    from harmonicd import ctlclient as control
 
     code, out = control.call(cfg.socket, "POST", f"{control.API}/sync", {"wait": wait},
                              timeout=None if wait else 10)
@@ -297,7 +304,7 @@ def _sync(cfg: Config, wait: bool) -> int:
 
 
 def _watch(cfg: Config) -> int:
-    from harmonicd import control
+    from harmonicd import ctlclient as control
 
     try:
         for ev in control.events(cfg.socket, recent=True):
@@ -309,6 +316,8 @@ def _watch(cfg: Config) -> int:
 
 
 def _bar(done: int, total: int | None, width: int = 24) -> str:
+    from harmonicd.store import durable
+
     if not total:
         return f"{durable.mib(done)}"
     frac = min(done / total, 1.0)
@@ -354,6 +363,8 @@ def _age(iso: str | None) -> str:
 
 
 def _render_status(st: dict[str, Any]) -> str:
+    from harmonicd.store import durable
+
     daemon = "running" if st["daemon"] else "not running"
     lines = [f"{st['id']}  {st['role']}  harmonicd {st['version']}  daemon {daemon}"]
     if st.get("master"):

@@ -8,8 +8,8 @@ SO_PEERGROUPS), never from anything the caller says: reading (status,
 events) is for whoever can open the socket (its mode and group do that);
 changing anything is for root, the daemon's own user, or the admin group.
 
-Client side: a few blocking calls over http.client for harmonicctl, which
-should start fast and needs no event loop.
+Client side: harmonicd/ctlclient.py (``call`` and ``events`` are re-exported
+here for the daemon's tests and tools).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import errno
 import grp
-import http.client
 import json
 import logging
 import os
@@ -27,18 +26,18 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from harmonicd.errors import DaemonNotRunning, HarmonicError, StartupError
+from harmonicd.ctlclient import API, call, events
+from harmonicd.errors import HarmonicError, StartupError
 
 log = logging.getLogger("harmonicd")
 
-API = "/v1"
 MAX_BODY = 64 << 10  # a control request is a few hundred bytes
 MAX_CONNECTIONS = 64  # beyond this, the oldest idle connection is closed, or else the new one
 MAX_STREAMS = 32  # event streams at once: they never end by themselves, so they get at most half
@@ -411,68 +410,4 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-# --------------------------------------------------------------------------- client
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.unix_path)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
-
-
-def _open(path: str, method: str, url: str, body: dict[str, Any] | None,
-          timeout: float | None) -> tuple[_UnixConnection, http.client.HTTPResponse]:
-    conn = _UnixConnection(path, timeout)
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    try:
-        conn.request(method, url, body=data, headers=headers)
-        return conn, conn.getresponse()
-    except (FileNotFoundError, ConnectionRefusedError):
-        conn.close()
-        raise DaemonNotRunning(f"the daemon is not running (no one answers on {path})") from None
-    except PermissionError:
-        conn.close()
-        raise HarmonicError(f"{path}: permission denied (reading needs the socket's group, "
-                            "changing needs root or the admin group)") from None
-    except (TimeoutError, OSError, http.client.HTTPException) as exc:
-        conn.close()
-        raise HarmonicError(f"{path}: the daemon did not answer ({exc})") from None
-
-
-def call(path: str, method: str, url: str, body: dict[str, Any] | None = None,
-         timeout: float | None = 10.0) -> tuple[int, dict[str, Any]]:
-    """One request; (HTTP status, decoded JSON body)."""
-    conn, resp = _open(path, method, url, body, timeout)
-    try:
-        raw = resp.read()
-    finally:
-        conn.close()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError:
-        raise HarmonicError(f"{path}: the daemon answered something that is not JSON") from None
-    return resp.status, data if isinstance(data, dict) else {"value": data}
-
-
-def events(path: str, recent: bool = False) -> Iterator[dict[str, Any]]:
-    """The event stream, one decoded event at a time, until the daemon ends it."""
-    conn, resp = _open(path, "GET", f"{API}/events" + ("?recent=1" if recent else ""), None, None)
-    try:
-        if resp.status != 200:
-            raise HarmonicError(f"{path}: events refused ({resp.status})")
-        for line in resp:
-            if line.strip():
-                yield json.loads(line)
-    finally:
-        conn.close()
+__all__ = ["API", "ControlServer", "call", "events", "prepare_socket_path"]
