@@ -375,7 +375,8 @@ def _render_status(st: dict[str, Any]) -> str:
     if up:
         reach = {True: "reachable", False: "unreachable", None: "not checked"}[up.get("reachable")]
         lines.append(f"upstream:  {up['url']} ({reach}; last sync {_age(up.get('last_sync'))})"
-                     + (f"; last error: {up['last_error']}" if up.get("last_error") else ""))
+                     + (f"; last error [{up.get('reason') or 'error'}]: {up['last_error']}"
+                        if up.get("last_error") else ""))
     elif not st.get("schools") and st["role"] == "node":
         lines.append("upstream:  none (sticks only)")
     media = st.get("media")

@@ -79,6 +79,11 @@ class Config:
     sync_window: tuple[int, int] | None = None  # minutes after midnight (local time): start, end
     rate_limit: int = 0  # bytes/s each way for online sync; 0: no cap
     max_request: int = 4_000_000_000  # largest request pack a school may send online
+    # The master's limits per school and per remote address (peer/limits.py); 0: no limit.
+    max_syncs_per_minute: int = 6
+    max_address_syncs_per_minute: int = 60
+    max_downloads_per_address: int = 4
+    max_request_age: float = 86400.0  # seconds an online request's creation time may be off our clock
     sync_timeout: float = 60.0  # seconds without a byte before an online transfer gives up
 
     @property
@@ -158,7 +163,9 @@ def validate(data: dict[str, Any], path: str) -> Config:
             raise err(k, f"unknown section (known: {', '.join(sorted(known))})")
 
     server = table("server", {"id", "role", "state_dir", "socket", "listen", "socket_group", "admin_group",
-                              "stop_grace_seconds", "max_request"})
+                              "stop_grace_seconds", "max_request", "max_syncs_per_minute",
+                              "max_address_syncs_per_minute", "max_downloads_per_address",
+                              "max_request_age_seconds"})
     sid_text = text(server, "server", "id")
     try:
         sid = check_server_id(sid_text)
@@ -231,6 +238,16 @@ def validate(data: dict[str, Any], path: str) -> Config:
         raise err("server.max_request", str(exc)) from None
     if max_request < 1024:
         raise err("server.max_request", "must be at least 1 KiB")
+
+    def count(key: str, default: int) -> int:
+        v = server.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1_000_000:
+            raise err(f"server.{key}", "must be a whole number from 0 (no limit) to 1000000")
+        return v
+
+    rates = {k: count(k, d) for k, d in (("max_syncs_per_minute", 6), ("max_address_syncs_per_minute", 60),
+                                          ("max_downloads_per_address", 4))}
+    max_age = seconds(server, "server", "max_request_age_seconds", 86400.0, 60, 365 * 86400)
     window = None
     if "window" in upstream:
         try:
@@ -272,7 +289,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
         stop_grace_seconds=stop_grace, quiet_seconds=quiet, rescan_seconds=rescan, pending_quota=quota,
         listen=listen,
         upstream_url=url, sync_interval=interval, sync_window=window, rate_limit=rate, sync_timeout=sync_timeout,
-        max_request=max_request,
+        max_request=max_request, max_request_age=max_age, **rates,
         master_key=master_key, sources=sources, volume_size=volume_size,
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
     )

@@ -43,6 +43,8 @@ from harmonicd.control import ControlServer, prepare_socket_path
 from harmonicd.errors import ConfigError, HarmonicError, StartupError, StateError, UsageError
 from harmonicd.jobs import JobRunner, Outcome
 from harmonicd.logs import setup_daemon_logging
+from harmonicd.peer import UpstreamError, limits
+from harmonicd.peer.netwatch import NetWatch
 from harmonicd.peer.server import PeerServer
 from harmonicd.store import durable
 from harmonicd.store.store import Store
@@ -67,11 +69,15 @@ class Daemon:
         self.control = ControlServer(self, cfg.socket, cfg.socket_group, cfg.admin_group)
         self.peer: PeerServer | None = None
         if cfg.listen:
-            self.peer = PeerServer(cfg.id, cfg.role, cfg.state_dir, cfg.listen, self._answer, cfg.max_request)
+            self.peer = PeerServer(cfg.id, cfg.role, cfg.state_dir, cfg.listen, self._answer, cfg.max_request,
+                                   rates=limits.Settings(cfg.max_syncs_per_minute, cfg.max_address_syncs_per_minute,
+                                                         cfg.max_downloads_per_address, cfg.max_request_age))
         self.watcher: FolderWatcher | None = None
         self.started = time.time()
         self._stop = asyncio.Event()
         self._stop_reason = ""
+        self._network_up = asyncio.Event()  # set by the network watch: sync now (see _sync_loop)
+        self.netwatch = NetWatch(self._network_came_up)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._first_change: dict[str, float] = {}
         self._store_size: dict[str, int] | None = None
@@ -117,6 +123,7 @@ class Daemon:
                          tg.create_task(self._rescan(), name="rescan")]
                 if not self.cfg.is_master:
                     tasks.append(tg.create_task(self._sync_loop(), name="online-sync"))
+                    tasks.append(tg.create_task(self.netwatch.run(), name="netwatch"))
                 if self.notifier.watchdog_interval:
                     tasks.append(tg.create_task(self._heartbeat(self.notifier.watchdog_interval), name="watchdog"))
                 await self._stop.wait()
@@ -195,27 +202,71 @@ class Daemon:
         """A school with an upstream syncs soon after start, then every
         upstream.interval_seconds (10% jitter, so schools do not all come at
         once), inside upstream.window if one is set; after a failure it tries
-        again sooner, with jittered exponential backoff."""
+        again sooner, with jittered exponential backoff, and never before an
+        upstream's Retry-After.
+
+        The network coming up (peer/netwatch.py) wakes it at once, whatever the
+        interval (0 too), window or backoff: that is exactly when a school on a
+        flaky link should sync. A sync already running is not doubled: one that
+        ends well covers the event; one that failed is followed by ours."""
         failures = 0
         delay = STARTUP_SYNC_DELAY
+        not_before = 0.0  # monotonic: the upstream asked us to wait until then (429)
         while True:
-            await asyncio.sleep(delay)
+            network = await self._sleep_or_network(delay)
             cfg = self.cfg
-            if not cfg.upstream_url or not cfg.sync_interval:
+            if not cfg.upstream_url or (not network and not cfg.sync_interval):
                 delay = 60.0  # a reload may turn it on
                 continue
+            wait = not_before - time.monotonic()
+            if wait > 0:
+                delay = wait
+                continue
             now = time.localtime()
-            if not config_mod.in_window(cfg.sync_window, now.tm_hour * 60 + now.tm_min):
+            if not network and not config_mod.in_window(cfg.sync_window, now.tm_hour * 60 + now.tm_min):
                 delay = 60.0 - now.tm_sec  # look again at the next minute
                 continue
+            if network:
+                running = self.jobs.running
+                if running is not None and running.kind == "sync":
+                    out = await asyncio.shield(running.future)
+                    if out.ok:
+                        log.info("the network came up during a sync that completed; no second sync")
+                        failures, delay = 0, self._next_sync(cfg)
+                        continue
+            # Events from here on come after this sync started: they ask for another.
+            self._network_up.clear()
             out = await asyncio.shield(self.command("sync", {}))
             if out.ok:
                 failures = 0
-                delay = cfg.sync_interval * random.uniform(0.9, 1.1)
+                delay = self._next_sync(cfg)
             else:
                 failures += 1
-                delay = random.uniform(0, min(cfg.sync_interval, BACKOFF_BASE * 2 ** failures))
-                log.info("next online sync try in %.0f s", delay)
+                delay = random.uniform(0, min(cfg.sync_interval or 3600.0, BACKOFF_BASE * 2 ** failures))
+                if isinstance(out.error, UpstreamError) and out.error.retry_after is not None:
+                    not_before = time.monotonic() + out.error.retry_after
+                    delay = max(delay, out.error.retry_after)
+                log.info("next online sync try in %.0f s (or when the network comes up)", delay)
+
+    @staticmethod
+    def _next_sync(cfg: Config) -> float:
+        # Interval 0: only when asked (or the network comes up); look again in a minute.
+        return cfg.sync_interval * random.uniform(0.9, 1.1) if cfg.sync_interval else 60.0
+
+    async def _sleep_or_network(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; True if the network came up meanwhile (or before)."""
+        if not self._network_up.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._network_up.wait(), delay)
+        if self._network_up.is_set():
+            self._network_up.clear()
+            return True
+        return False
+
+    def _network_came_up(self, why: str) -> None:
+        if self.cfg.upstream_url and not self._stop.is_set():
+            log.info("the network came up (%s): syncing with %s now", why, self.cfg.upstream_url)
+            self._network_up.set()
 
     def _job_changed(self) -> None:
         cur = self.activity.current
@@ -357,6 +408,8 @@ class Daemon:
         if st.get("upstream"):
             seen = store.db.get_meta("upstream.reachable")
             st["upstream"]["reachable"] = None if seen is None else seen == "1"
+            # Whether a sync starts by itself when the network comes up (peer/netwatch.py).
+            st["upstream"]["network_watch"] = self.netwatch.active
         st["daemon"] = True
         st["activity"] = self.activity.snapshot()
         st["queued"] = [{"kind": j.kind, "detail": j.detail} for j in list(self.jobs.queue)]

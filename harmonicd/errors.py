@@ -18,6 +18,7 @@ Nothing else should escape to the user as a traceback.
     │   ├── TruncatedPack                     cut short (stick pulled mid-write)
     │   ├── CorruptPack                       checksum, hash, framing or size limits violated
     │   ├── UntrustedPack                     signed by a key this server does not trust
+    │   ├── ReplayedRequest                   an online request already answered (a copy sent again)
     │   └── UnsafeName                        a tree name that could escape or collide
     ├── TrustError                   exit 1   a release that must not be accepted
     │   ├── BadSignature
@@ -95,6 +96,10 @@ class CorruptPack(PackError):
 
 class UntrustedPack(PackError):
     """The pack is signed by a key this server does not trust."""
+
+
+class ReplayedRequest(PackError):
+    """An online request pack that was taken before: a copy, not a new sync."""
 
 
 class UnsafeName(PackError):

@@ -34,9 +34,22 @@ PACK_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,80}-\d{8}T\d{6}-[0-9a-f]{12}-v\d{
 SERVER_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
 
 
-class UpstreamError(HarmonicError):
-    """The upstream could not be reached or refused the sync."""
+# Why a sync with the upstream failed, as status's upstream.reason shows it
+# (docs/control-api.md): the one-line error says it in words, this for programs.
+REASONS = ("dns", "network", "refused", "timeout", "tls", "http", "portal", "refused-by-server", "rate-limited",
+           "cut")
 
-    def __init__(self, message: str, reachable: bool) -> None:
+
+class UpstreamError(HarmonicError):
+    """The upstream could not be reached or refused the sync.
+
+    ``reason``: one of REASONS (None: not classified, shown as "http" when the
+    upstream answered and "cut" when it did not); ``retry_after``: seconds the
+    upstream asked us to wait (429's Retry-After), honoured by the sync timer."""
+
+    def __init__(self, message: str, reachable: bool, reason: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.reachable = reachable
+        self.reason = reason or ("http" if reachable else "cut")
+        self.retry_after = retry_after

@@ -7,10 +7,14 @@ resumed from where it stopped with a Range request.
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import errno
 import http.client
 import json
 import logging
 import os
+import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -72,16 +76,37 @@ def _request(base: str, method: str, path: str, body: Any = None, headers: dict[
         conn.sock.settimeout(timeout)
         conn.request(method, url.path.rstrip("/") + path, body=body, headers=headers or {})
         return conn, conn.getresponse()
-    except TimeoutError:
+    except (OSError, http.client.HTTPException) as exc:
         conn.close()
-        raise UpstreamError(f"{base}: no answer within {timeout:g} s (upstream.timeout_seconds)", False) from None
-    except OSError as exc:
-        conn.close()
+        raise classify(base, exc, timeout) from None
+
+
+def classify(base: str, exc: BaseException, timeout: float) -> UpstreamError:
+    """Why the upstream could not be asked, in words and as a reason code
+    (peer.REASONS): the order matters, the classes nest (SSLError and
+    gaierror are OSErrors, RemoteDisconnected is both a reset and an HTTP error)."""
+    host = urllib.parse.urlsplit(base).hostname or base
+    if isinstance(exc, socket.gaierror):
+        return UpstreamError(f"{base}: cannot resolve {host} ({exc.strerror or exc}; DNS, or no network yet)",
+                             False, "dns")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return UpstreamError(f"{base}: TLS certificate not accepted ({exc.verify_message or exc.reason}); "
+                             "a captive portal or a wrong upstream.url?", False, "tls")
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError(f"{base}: TLS failed ({exc.reason or exc})", False, "tls")
+    if isinstance(exc, TimeoutError):
+        return UpstreamError(f"{base}: no answer within {timeout:g} s (upstream.timeout_seconds)", False,
+                             "timeout")
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamError(f"{base}: cannot reach the upstream (connection refused: nothing listens "
+                             f"at {host}:{urllib.parse.urlsplit(base).port or 'its port'})", False, "refused")
+    if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
+        return UpstreamError(f"{base}: the connection was cut ({exc})", False, "cut")
+    if isinstance(exc, OSError):
         why = exc.strerror or str(exc) or type(exc).__name__
-        raise UpstreamError(f"{base}: cannot reach the upstream ({why})", False) from None
-    except http.client.HTTPException as exc:
-        conn.close()
-        raise UpstreamError(f"{base}: the upstream's answer is not HTTP ({exc!r})", True) from None
+        code = "network" if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL) else "cut"
+        return UpstreamError(f"{base}: cannot reach the upstream ({why})", False, code)
+    return UpstreamError(f"{base}: the upstream's answer is not HTTP ({exc!r})", True, "http")
 
 
 def _read_body(resp: http.client.HTTPResponse, base: str, limit: int, timeout: float) -> bytes:
@@ -92,31 +117,65 @@ def _read_body(resp: http.client.HTTPResponse, base: str, limit: int, timeout: f
     while True:
         try:
             chunk = resp.read1(65536)
+        except TimeoutError:
+            raise UpstreamError(f"{base}: no answer within {timeout:g} s (upstream.timeout_seconds)", False,
+                                "timeout") from None
         except (OSError, http.client.HTTPException) as exc:
-            raise UpstreamError(f"{base}: the answer was cut off ({exc})", False) from None
+            raise UpstreamError(f"{base}: the answer was cut off ({exc})", False, "cut") from None
         if not chunk:
             return b"".join(parts)
         n += len(chunk)
         parts.append(chunk)
         if n > limit:
-            raise UpstreamError(f"{base}: the answer is larger than {limit} bytes", True)
+            raise UpstreamError(f"{base}: the answer is larger than {limit} bytes", True, "http")
         if time.monotonic() - started > timeout:
-            raise UpstreamError(f"{base}: the answer took longer than {timeout:g} s", False)
+            raise UpstreamError(f"{base}: the answer took longer than {timeout:g} s", False, "timeout")
 
 
 def _json(resp: http.client.HTTPResponse, base: str, timeout: float = READ_TIMEOUT) -> dict[str, Any]:
     raw = _read_body(resp, base, 1 << 20, timeout)
     ctype = resp.getheader("Content-Type", "")
     if "json" not in ctype:
-        hint = " (a captive portal's login page?)" if "html" in ctype else ""
-        raise UpstreamError(f"{base}: answered {resp.status} with {ctype or 'no type'}, not JSON{hint}", True)
+        # A captive portal answers whatever is asked with its login page (or a
+        # redirect to it): HTML where JSON was expected is the sign.
+        portal = "html" in ctype or raw.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html"))
+        hint = " (a captive portal's login page?)" if portal else ""
+        raise UpstreamError(f"{base}: answered {resp.status} with {ctype or 'no type'}, not JSON{hint}", True,
+                            "portal" if portal else "http")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UpstreamError(f"{base}: answered {resp.status} with broken JSON", True) from None
+        raise UpstreamError(f"{base}: answered {resp.status} with broken JSON", True, "http") from None
     if not isinstance(data, dict):
-        raise UpstreamError(f"{base}: answered {resp.status} with JSON that is not an object", True)
+        raise UpstreamError(f"{base}: answered {resp.status} with JSON that is not an object", True, "http")
     return data
+
+
+def retry_after(resp: http.client.HTTPResponse) -> float | None:
+    """429's Retry-After in seconds (the date form too), bounded to a day."""
+    value = (resp.getheader("Retry-After") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(min(int(value), 86400))
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, min(when - time.time(), 86400.0))
+
+
+def refused(base: str, resp: http.client.HTTPResponse, data: dict[str, Any], what: str) -> UpstreamError:
+    """The upstream said no: rate-limited (429, with when to come back), refused
+    by the server (401/403/413: the server's sentence), or any other status."""
+    why = str(data.get("error", "no reason given"))[:500]
+    if resp.status == 429:
+        wait = retry_after(resp)
+        later = f"; next try in {wait:.0f} s or later" if wait is not None else ""
+        return UpstreamError(f"{base}: {what} refused (429 rate-limited): {why}{later}", True, "rate-limited", wait)
+    if resp.status in (401, 403, 413):
+        return UpstreamError(f"{base}: {what} refused ({resp.status}): {why}", True, "refused-by-server")
+    return UpstreamError(f"{base}: {what} refused ({resp.status}): {why}", True, "http")
 
 
 def post_request(base: str, path: str, rate: int = 0, timeout: float = READ_TIMEOUT) -> list[dict[str, Any]]:
@@ -132,7 +191,7 @@ def post_request(base: str, path: str, rate: int = 0, timeout: float = READ_TIME
     finally:
         conn.close()
     if resp.status != 200:
-        raise UpstreamError(f"{base}: sync refused ({resp.status}): {data.get('error', 'no reason given')}", True)
+        raise refused(base, resp, data, "sync")
     packs = data.get("packs")
     if not isinstance(packs, list) or not all(
             isinstance(p, dict) and isinstance(p.get("name"), str) and PACK_NAME.match(p["name"])
@@ -164,6 +223,8 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
         try:
             if resp.status == 200 and have:
                 have = start_at = 0  # the server ignored the Range: start again
+            elif resp.status == 429:
+                raise refused(base, resp, {"error": "too many downloads at once"}, pack["name"])
             elif resp.status not in (200, 206):
                 raise UpstreamError(f"{base}: {pack['name']}: {resp.status} {resp.reason}", True)
             with open(part, "ab" if have else "wb") as f:

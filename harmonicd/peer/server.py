@@ -12,7 +12,7 @@ from aiohttp import web
 
 from harmonicd import __version__
 from harmonicd.errors import HarmonicError, PackError, TrustError
-from harmonicd.peer import API, CHUNK, MAX_REQUEST, PACK_NAME, SERVER_ID
+from harmonicd.peer import API, CHUNK, MAX_REQUEST, PACK_NAME, SERVER_ID, limits
 
 log = logging.getLogger("harmonicd")
 
@@ -21,8 +21,9 @@ Answerer = Callable[[str], Awaitable[tuple[str, list[tuple[str, int]]]]]
 
 class PeerServer:
     def __init__(self, server_id: str, role: str, state_dir: str, listen: str, answerer: Answerer,
-                 max_request: int = MAX_REQUEST) -> None:
+                 max_request: int = MAX_REQUEST, rates: limits.Settings | None = None) -> None:
         self.max_request = max_request
+        self.limits = limits.Limits(rates or limits.Settings())  # peer/limits.py: who, how often, why not
         self.server_id = server_id
         self.role = role
         self.state_dir = state_dir
@@ -32,7 +33,7 @@ class PeerServer:
 
     async def start(self) -> None:
         host, _, port = self.listen.rpartition(":")
-        app = web.Application(client_max_size=1 << 20)
+        app = web.Application(client_max_size=1 << 20, middlewares=[self.limits.middleware])
         app.router.add_post(f"{API}/sync", self._sync)
         app.router.add_get(f"{API}/packs/{{school}}/{{name}}", self._pack)
         app.router.add_get(f"{API}/health", self._health)
@@ -70,13 +71,22 @@ class PeerServer:
             if length is not None and got != length:
                 return _error(400, f"request body cut short ({got} of {length} bytes)")
             try:
+                # Before the store is asked (peer/limits.py): too old, or this school's syncs used up.
+                header = await asyncio.to_thread(limits.read_header, path)
+                limits.check_age(header, self.limits.settings.max_request_age)
+                self.limits.school_may_sync(header.sender)
+            except limits.Refused as exc:
+                log.warning("online sync refused from %s: %s", request.remote, exc)
+                return exc.response()
+            try:
                 school, files = await self.answerer(path)
             except (PackError, TrustError) as exc:
                 log.warning("online sync refused from %s: %s", request.remote, exc)
-                return _error(403, f"request refused: {exc}")
+                return limits.refusal(exc).response()
             except HarmonicError as exc:
                 log.error("online sync from %s failed: %s", request.remote, exc)
                 return _error(503, f"the server could not answer: {exc}")
+            self.limits.school_synced(school)
         finally:
             try:
                 os.unlink(path)

@@ -29,7 +29,7 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
         rate, wait = store.cfg.rate_limit, store.cfg.sync_timeout
         earlier = take_answer(store, client.resume_pending(url, downloads(store), progress, rate, wait), progress)
     except UpstreamError as exc:
-        record_upstream(store, exc.reachable, str(exc))
+        record_upstream(store, exc.reachable, str(exc), exc.reason)
         raise
     try:
         req = make_request(store, folder)
@@ -39,7 +39,7 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
                 packs = client.post_request(url, f, rate, wait)
             paths = [client.download(url, p, downloads(store), progress, rate, wait) for p in packs]
         except UpstreamError as exc:
-            record_upstream(store, exc.reachable, str(exc))
+            record_upstream(store, exc.reachable, str(exc), exc.reason)
             raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from harmonicd.errors import PackError, StoreError
+from harmonicd.errors import PackError, ReplayedRequest, StoreError
 from harmonicd.services.exchange import (
     ExportResult,
     ImportResult,
@@ -65,6 +65,11 @@ def answer(store: Store, request: str,
     a pack from anyone but an enrolled school is refused there) and write the
     answer into the school's outbox."""
     got = import_pack(store, request, "online", progress)
+    if got.duplicate:
+        # A school makes a new request pack for every sync (a retry too): the same
+        # pack id again is a copy, and the answer is not for whoever sent it.
+        raise ReplayedRequest(f"this request pack ({got.sender}) was answered before; a copy is not "
+                              "answered again (each sync sends a new one)")
     peer = store.db.peer(got.sender)
     if peer is None or peer.role != "node":
         raise PackError(f"{os.path.basename(request)}: not from an enrolled school server")
@@ -86,14 +91,15 @@ def take_answer(store: Store, paths: list[str],
     return out
 
 
-def record_upstream(store: Store, reachable: bool, error: str | None) -> None:
+def record_upstream(store: Store, reachable: bool, error: str | None, reason: str | None = None) -> None:
     """What status shows about the upstream, kept in the database so that
     `harmonicctl status` shows it without the daemon too. No error: a sync
-    completed now."""
+    completed now. ``reason``: the error's code (peer.UpstreamError.reason)."""
     db = store.db
     with db.tx():
         db.set_meta("upstream.reachable", "1" if reachable else "0")
         db.set_meta("upstream.last_error", error or "")
+        db.set_meta("upstream.reason", (reason or "") if error else "")
         if error is None:
             db.set_meta("upstream.last_sync", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 

@@ -55,7 +55,8 @@ def status(store: Store, store_size: dict[str, int] | None = None) -> dict[str, 
             # reachable: only the daemon, which tries, says (INTERFACE.md).
             out["upstream"] = {"url": cfg.upstream_url, "reachable": None,
                                "last_sync": db.get_meta("upstream.last_sync"),
-                               "last_error": db.get_meta("upstream.last_error") or None}
+                               "last_error": db.get_meta("upstream.last_error") or None,
+                               "reason": db.get_meta("upstream.reason") or None}
         out["pending_quota"] = {"limit_bytes": cfg.pending_quota,
                                 "used_bytes": sum(unacked_bytes(store, n) for n in cfg.sources),
                                 "exceeded": over_quota(store)}
