@@ -123,6 +123,8 @@ def _read_body(resp: http.client.HTTPResponse, base: str, limit: int, timeout: f
         except (OSError, http.client.HTTPException) as exc:
             raise UpstreamError(f"{base}: the answer was cut off ({exc})", False, "cut") from None
         if not chunk:
+            if resp.length:  # http.client counts down Content-Length: bytes still owed
+                raise UpstreamError(f"{base}: the answer was cut off after {n} bytes", False, "cut")
             return b"".join(parts)
         n += len(chunk)
         parts.append(chunk)
