@@ -28,6 +28,8 @@ DEFAULT_RESCAN = 600.0  # seconds between stat rescans of watched folders
 DEFAULT_PENDING_QUOTA = 4 << 30  # unacknowledged upward data kept at most
 DEFAULT_STOP_GRACE = 20.0  # seconds a stopping daemon waits for its current job
 DEFAULT_SYNC_INTERVAL = 3600.0  # seconds between a school's online syncs
+DEFAULT_RELAY_QUEUE_QUOTA = 8 << 30  # downstream requests a relay keeps for the master, at most (bytes)
+AUTO_UPSTREAM = "auto"  # upstream.url: find a server on the LAN by mDNS
 _WINDOW = re.compile(r"(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})\Z")
 
 
@@ -85,6 +87,7 @@ class Config:
     max_downloads_per_address: int = 4
     max_request_age: float = 86400.0  # seconds an online request's creation time may be off our clock
     sync_timeout: float = 60.0  # seconds without a byte before an online transfer gives up
+    relay_queue_quota: int = DEFAULT_RELAY_QUEUE_QUOTA  # a relay keeps at most this much of downstream requests
 
     @property
     def is_master(self) -> bool:
@@ -157,7 +160,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
             raise err(f"{tname}.{key}", f"must be between {low:g} and {high:g} seconds")
         return float(v)
 
-    known = {"server", "upstream", "collections", "packs", "archive", "media", "deploy", "publish"}
+    known = {"server", "upstream", "collections", "packs", "archive", "media", "deploy", "publish", "relay"}
     for k in data:
         if k not in known:
             raise err(k, f"unknown section (known: {', '.join(sorted(known))})")
@@ -261,8 +264,16 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if rate < 0 or 0 < rate < 1024:
         raise err("upstream.rate_limit", "must be 0 (no cap) or at least 1 KiB (bytes per second)")
     url = text(upstream, "upstream", "url", "")
-    if url and not re.match(r"https?://[^/\s]+", url):
-        raise err("upstream.url", f"{url!r} is not an http:// or https:// URL")
+    # "auto": the upstream is found on the LAN by mDNS at sync time (peer/mdns.py).
+    if url and url != AUTO_UPSTREAM and not re.match(r"https?://[^/\s]+", url):
+        raise err("upstream.url", f"{url!r} is not an http:// or https:// URL (or \"auto\")")
+    relay = table("relay", {"queue_quota"})
+    try:
+        relay_quota = parse_size(relay.get("queue_quota", DEFAULT_RELAY_QUEUE_QUOTA))
+    except ValueError as exc:
+        raise err("relay.queue_quota", str(exc)) from None
+    if relay_quota < 1024:
+        raise err("relay.queue_quota", "must be at least 1 KiB")
     listen = text(server, "server", "listen", "")
     if listen and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}", listen):
         raise err("server.listen", f"{listen!r} is not HOST:PORT")
@@ -289,7 +300,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
         stop_grace_seconds=stop_grace, quiet_seconds=quiet, rescan_seconds=rescan, pending_quota=quota,
         listen=listen,
         upstream_url=url, sync_interval=interval, sync_window=window, rate_limit=rate, sync_timeout=sync_timeout,
-        max_request=max_request, max_request_age=max_age, **rates,
+        max_request=max_request, relay_queue_quota=relay_quota, max_request_age=max_age, **rates,
         master_key=master_key, sources=sources, volume_size=volume_size,
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
     )

@@ -73,6 +73,8 @@ class Daemon:
                                    rates=limits.Settings(cfg.max_syncs_per_minute, cfg.max_address_syncs_per_minute,
                                                          cfg.max_downloads_per_address, cfg.max_request_age))
         self.watcher: FolderWatcher | None = None
+        self._announcer: Any = None  # peer.mdns.Announcer while server.listen is announced on the LAN
+        self._master_fp = ""
         self.started = time.time()
         self._stop = asyncio.Event()
         self._stop_reason = ""
@@ -111,6 +113,9 @@ class Daemon:
             except BaseException:
                 await self.control.stop()
                 raise
+            # Announced in the background: mDNS probing takes seconds, and a LAN
+            # without multicast only costs the announcement (logged).
+            self._announce_task = asyncio.create_task(self._announce(), name="mdns")
         what = f"{self.cfg.role} {self.cfg.id}: idle"
         self.notifier.ready(what)
         log.info("harmonicd %s started as %s %s; control socket %s", __version__, self.cfg.role,
@@ -153,6 +158,7 @@ class Daemon:
         await self.control.stop()
         if self.peer is not None:
             await self.peer.stop()
+        await self._unannounce()
         if running is not None and not running.future.done():
             log.info("waiting up to %g s for %s %s to finish", self.cfg.stop_grace_seconds, running.kind,
                      running.detail)
@@ -176,7 +182,34 @@ class Daemon:
         with Store(self.cfg) as store:
             recover(store)
             store.key  # noqa: B018 - an unreadable key must stop the start, not the first job
+            if self.cfg.listen:
+                from harmonicd.peer.mdns import fingerprint
+
+                # A master announces its own key; a relay the master key it trusts.
+                key = store.key.public if self.cfg.is_master else self.cfg.master_key
+                self._master_fp = fingerprint(key) if key else ""
             self._store_size, self._store_size_at = store_size_of(store), time.monotonic()
+
+    async def _announce(self) -> None:
+        from harmonicd.peer.mdns import Announcer
+
+        announcer = Announcer(self.cfg, self._master_fp)
+        try:
+            await asyncio.to_thread(announcer.start)
+        except Exception as exc:  # the LAN announcement is a convenience, never fatal
+            log.warning("mDNS: announcing failed: %s", exc)
+            return
+        self._announcer = announcer
+
+    async def _unannounce(self) -> None:
+        task = getattr(self, "_announce_task", None)
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), 5)
+        if self._announcer is not None:
+            announcer, self._announcer = self._announcer, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(announcer.stop), 5)
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.cfg.sources:
@@ -364,6 +397,16 @@ class Daemon:
         """A school's request pack, taken and answered as one job (with the store's lock)."""
 
         def work(store: Store, progress: Callable[[int], None]) -> Outcome:
+            if not store.cfg.is_master:
+                # A school server with server.listen: a relay for downstream schools.
+                from harmonicd.services import relay
+
+                ans = relay.answer(store, request, progress)
+                what = ", ".join(ans.releases) or "nothing new from the replica"
+                files = [(p, os.path.getsize(p)) for p in ans.files]
+                kept = "request queued for the master" if ans.queued else "an older request than the one queued"
+                return Outcome(f"answered {ans.school} as a relay: {what}; {ans.from_master} answer pack(s) of the "
+                               f"master; {kept}", {"school": ans.school, "files": files})
             from harmonicd.services.online import answer
 
             got, res = answer(store, request, progress)
@@ -408,6 +451,9 @@ class Daemon:
         if st.get("upstream"):
             seen = store.db.get_meta("upstream.reachable")
             st["upstream"]["reachable"] = None if seen is None else seen == "1"
+            if self.cfg.upstream_url == config_mod.AUTO_UPSTREAM:
+                # Which server mDNS found at the last sync (peer/mdns.py).
+                st["upstream"]["found"] = store.db.get_meta("upstream.found") or None
             # Whether a sync starts by itself when the network comes up (peer/netwatch.py).
             st["upstream"]["network_watch"] = self.netwatch.active
         st["daemon"] = True

@@ -67,7 +67,7 @@ from harmonicd.services import deploy as deploy_mod
 from harmonicd.services.deploy import default_path, union_tree
 from harmonicd.services.publish import publish_changed_sources
 from harmonicd.store import durable
-from harmonicd.store.db import ReleaseRow
+from harmonicd.store.db import Collection, ReleaseRow
 from harmonicd.store.faults import crash_point
 from harmonicd.store.objects import Batch
 from harmonicd.store.store import Store
@@ -163,8 +163,20 @@ def _trust(store: Store) -> Callable[[Header], bytes]:
             if peer.key != h.sender_key:
                 raise UntrustedPack(f"pack claims to be from {h.sender!r} but is signed by another key")
             return peer.key
-        if h.sender_key != cfg.master_key:
-            raise UntrustedPack(f"pack is signed by a key this server does not trust (sender says {h.sender[:40]!r})")
+        if h.sender_key == cfg.master_key:
+            return h.sender_key
+        # Not the master's pack: a relay's, serving the master's releases from its
+        # replica. Whoever signed it, every release in it must verify against the
+        # master's key (_assess) and it may carry no acknowledgement: the pack's own
+        # signature only says which server sent it.
+        try:
+            check_server_id(h.sender, exc=CorruptPack)
+        except CorruptPack:
+            raise UntrustedPack(f"pack claims an invalid sender id {h.sender[:40]!r}") from None
+        master = next(iter(store.db.peers("master")), None)
+        if master is not None and h.sender == master.id:
+            raise UntrustedPack(f"pack claims to be from the master {h.sender!r} but is signed by a key this "
+                                "server does not trust")
         return h.sender_key
 
     return check
@@ -174,6 +186,13 @@ def _assess(store: Store, h: Header, where: str) -> list[Decision]:
     """Check every release in a pack's header before anything is read or stored."""
     cfg = store.cfg
     out = []
+    relayed = not cfg.is_master and h.sender_key != cfg.master_key
+    if relayed and h.acks:
+        # Only the master can say what it holds: a relay's acknowledgement would let
+        # this school drop data the master may never have received.
+        raise UntrustedPack(f"{where}: carries acknowledgements but is signed by {h.sender}, not the master: "
+                            "only the master's own packs may confirm what it holds")
+    master = next(iter(store.db.peers("master")), None) if relayed else None
     for body, sig in h.releases:
         sr = decode(body, sig)
         r = sr.release
@@ -185,14 +204,27 @@ def _assess(store: Store, h: Header, where: str) -> list[Decision]:
             if r.target is not None:
                 raise CorruptPack(f"{where}: a school release may not name a target school")
         else:
-            if r.owner != h.sender:
+            if not relayed and r.owner != h.sender:
                 raise UntrustedPack(f"{where}: carries {r.label()} not signed by the master")
-            owner_key = h.sender_key
+            if relayed and master is not None and r.owner != master.id:
+                raise UntrustedPack(f"{where}: {h.sender} serves {r.label()}, which the master {master.id} "
+                                    "does not own")
+            # The master's key, whoever signed the pack: a relay can pass a release
+            # on, never make or change one.
+            assert cfg.master_key is not None
+            owner_key = cfg.master_key
             if r.target is not None and r.target != cfg.id:
                 out.append(Decision(sr, "", "other"))
                 continue
             name = r.collection
-        sr.verify(owner_key)
+        if relayed:
+            try:
+                sr.verify(owner_key)
+            except TrustError:
+                raise UntrustedPack(f"{where}: {r.label()} from {h.sender} is not signed by the master: the pack "
+                                    "is signed by a key this server does not trust") from None
+        else:
+            sr.verify(owner_key)
         coll = store.db.collection(name)
         if coll is not None and coll.mode == "owned":
             raise TrustError(f"{where}: carries {r.label()}, but {name} is this server's own collection")
@@ -206,6 +238,12 @@ def _assess(store: Store, h: Header, where: str) -> list[Decision]:
                 out.append(Decision(sr, name, "skip"))
                 continue
         if coll is not None and r.seq < coll.seq:
+            if relayed:
+                # An old stick is harmless and only noted; a relay that serves an
+                # older release than held is rolling back (or broken): refused, so
+                # that the sync fails and says so.
+                raise TrustError(f"upstream {h.sender} offered {name} release {r.seq}, older than release "
+                                 f"{coll.seq} held; kept {coll.seq}")
             out.append(Decision(sr, name, "old"))
             continue
         if coll is not None and r.seq == coll.seq and same is None:
@@ -464,10 +502,16 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
         _take_acks(store, h, res)
         if cfg.is_master:
             db.peer_seen(h.sender, now, how, pack_msg(h.have) if h.have else None)
-        else:
+        elif h.sender_key == cfg.master_key:
             if db.peer(h.sender) is None:
                 db.put_peer(h.sender, h.sender_key, "master", now)
             db.peer_seen(h.sender, now, how, None)
+        elif live and not db.peers("master"):
+            # Through a relay the master is not heard from, but its releases name
+            # it (and its key signed them): the school's requests are addressed to it.
+            owner = next(iter(live.values()))[0].signed.release.owner
+            if db.peer(owner) is None and cfg.master_key is not None:
+                db.put_peer(owner, cfg.master_key, "master", now)
         db.record_pack(h.pack_id, h.volume, "in", h.sender, now, res.objects, res.bytes)
         # What arrived for a release that is not complete yet is kept (gc spares it)
         # and listed in our next request, so nothing is sent twice.
@@ -496,6 +540,9 @@ def _take_acks(store: Store, h: Header, res: ImportResult) -> None:
     """A school records which of its own releases the master now holds durably."""
     if store.cfg.is_master:
         return
+    if h.acks and h.sender_key != store.cfg.master_key:
+        # _assess refused such a pack already; this stays the one place acks are taken.
+        raise UntrustedPack(f"{res.path}: acknowledgements from {h.sender}, not from the master")
     db = store.db
     for a in h.acks:
         name, seq, root = a.get("collection"), a.get("seq"), a.get("root")
@@ -617,20 +664,19 @@ def for_master(store: Store) -> Outgoing:
                     acks=[], have=have_state(store))
 
 
-def for_school(store: Store, school: str) -> Outgoing:
-    """The master's answer to a school: what it lacks of the master's collections, and acks."""
+def lacking(store: Store, colls: list[Collection], held: dict[str, tuple[int, ObjectId]]
+            ) -> tuple[list[ReleaseRow], list[tuple[ObjectId, ObjectId | None]], set[ObjectId]]:
+    """The latest releases of colls that a server holding ``held`` (its have-state)
+    lacks, each with the root it holds as the diff base, and the objects it is
+    known to hold. One planning for the master answering a school and for a relay
+    answering a downstream school from its replica, so the two cannot differ."""
     db = store.db
-    peer = db.peer(school)
-    if peer is None:
-        raise HarmonicError(f"{school} is not an enrolled school server")
-    held, partial = stored_have(peer.have)
     releases = []
-    roots = []
-    for c in db.collections():
-        if c.mode != "owned" or c.root is None or c.target not in (None, school):
+    roots: list[tuple[ObjectId, ObjectId | None]] = []
+    for c in colls:
+        if c.root is None:
             continue
-        key = f"{c.owner}/{c.collection}"
-        theirs = held.get(key)
+        theirs = held.get(f"{c.owner}/{c.collection}")
         if theirs is not None and theirs[0] >= c.seq:
             continue
         row = db.release(c.name, c.seq)
@@ -641,6 +687,19 @@ def for_school(store: Store, school: str) -> Outgoing:
     # What the school holds matters only when something is to be sent: walking
     # its trees is most of a no-op sync's cost on a big collection.
     known = _known_from(store, [root for _seq, root in held.values()]) if releases else set()
+    return releases, roots, known
+
+
+def for_school(store: Store, school: str) -> Outgoing:
+    """The master's answer to a school: what it lacks of the master's collections, and acks."""
+    db = store.db
+    peer = db.peer(school)
+    if peer is None:
+        raise HarmonicError(f"{school} is not an enrolled school server")
+    held, partial = stored_have(peer.have)
+    colls = [c for c in db.collections()
+             if c.mode == "owned" and c.target in (None, school)]
+    releases, roots, known = lacking(store, colls, held)
     acks = []
     for c in db.collections():
         if c.mode == "archive" and c.owner == school and c.root is not None:
