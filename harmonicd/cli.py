@@ -374,7 +374,8 @@ def _render_status(st: dict[str, Any]) -> str:
     up = st.get("upstream")
     if up:
         reach = {True: "reachable", False: "unreachable", None: "not checked"}[up.get("reachable")]
-        lines.append(f"upstream:  {up['url']} ({reach}; last sync {_age(up.get('last_sync'))})"
+        where = f"auto, found {up['found']}" if up.get("found") else up["url"]
+        lines.append(f"upstream:  {where} ({reach}; last sync {_age(up.get('last_sync'))})"
                      + (f"; last error [{up.get('reason') or 'error'}]: {up['last_error']}"
                         if up.get("last_error") else ""))
     elif not st.get("schools") and st["role"] == "node":

@@ -56,6 +56,9 @@ master_key = "{KEY}"
         (BASE + 'window = "06:00-06:00"\n', "upstream.window"),
         (BASE + "interval_seconds = -5\n", "upstream.interval_seconds"),
         (BASE + 'rate_limit = "10B"\n', "upstream.rate_limit"),
+        (BASE + 'url = "automatic"\n', "upstream.url"),
+        (BASE + '[relay]\nqueue_quota = "10B"\n', "relay.queue_quota"),
+        (BASE + '[relay]\nqueue = "1GiB"\n', "relay.queue"),
         (BASE.replace("[upstream]", '[upstream]').replace('state_dir = "/var/lib/harmonicd"',
                                                         'state_dir = "/var/lib/harmonicd"\nlisten = "8080"'),
          "server.listen"),
@@ -69,6 +72,12 @@ def test_bad_config_names_file_and_key(tmp_path: Path, text: str, key: str) -> N
     assert path in msg
     assert key in msg
     assert "\n" not in msg
+
+
+def test_auto_upstream_and_relay_quota(tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, BASE + 'url = "auto"\n[relay]\nqueue_quota = "2GiB"\n'))
+    assert cfg.upstream_url == config.AUTO_UPSTREAM
+    assert cfg.relay_queue_quota == 2 << 30
 
 
 def test_missing_and_unparsable(tmp_path: Path) -> None:

@@ -101,6 +101,7 @@ def test_auto_upstream_finds_the_master_then_a_relay(tmp_path: Path, lan: tuple[
     up = sd.status()["upstream"]
     assert up["url"] == "auto"
     assert up["found"].startswith(f"http://{addr}:8470 (master-1, master)"), up
+    assert f"upstream:  auto, found http://{addr}:8470 (master-1, master)" in s.ctl("status").stdout
     # The master stops (its announcement goes with it): the relay is found instead.
     assert md.stop() == 0
     p = s.ctl("sync", "--wait", check=False)
