@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Debian packages the tests use (loop-mounted ext4 images, power-cut copies, network namespaces).
-TEST_DEBS  := e2fsprogs util-linux mount systemd iproute2
+# Debian packages the tests use (loop-mounted ext4 images, power-cut copies, network namespaces, nginx as an HTTP cache).
+TEST_DEBS  := e2fsprogs util-linux mount systemd iproute2 nginx
 # The tools the benchmarks compare against.
 BENCH_DEBS := rsync zstd
 

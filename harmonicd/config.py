@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +90,9 @@ class Config:
     max_request_age: float = 86400.0  # seconds an online request's creation time may be off our clock
     sync_timeout: float = 60.0  # seconds without a byte before an online transfer gives up
     relay_queue_quota: int = DEFAULT_RELAY_QUEUE_QUOTA  # a relay keeps at most this much of downstream requests
+    tls_cert: str = ""  # PEM certificate (chain) the peer HTTP API serves https with; empty: plain http
+    tls_key: str = ""  # its PEM private key
+    ca_file: str = ""  # PEM CA or self-signed certificate(s) to check an https upstream by; empty: the system's
 
     @property
     def is_master(self) -> bool:
@@ -166,7 +171,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
             raise err(k, f"unknown section (known: {', '.join(sorted(known))})")
 
     server = table("server", {"id", "role", "state_dir", "socket", "listen", "socket_group", "admin_group",
-                              "stop_grace_seconds", "max_request", "max_syncs_per_minute",
+                              "stop_grace_seconds", "max_request", "tls_cert", "tls_key", "max_syncs_per_minute",
                               "max_address_syncs_per_minute", "max_downloads_per_address",
                               "max_request_age_seconds"})
     sid_text = text(server, "server", "id")
@@ -182,7 +187,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
         raise err("server.state_dir", "must be an absolute path")
 
     upstream = table("upstream", {"url", "master_key", "interval_seconds", "window", "rate_limit",
-                                  "timeout_seconds"})
+                                  "timeout_seconds", "ca_file"})
     master_key = None
     if "master_key" in upstream:
         try:
@@ -278,6 +283,16 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if listen and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}", listen):
         raise err("server.listen", f"{listen!r} is not HOST:PORT")
 
+    tls_cert, tls_key = text(server, "server", "tls_cert", ""), text(server, "server", "tls_key", "")
+    if bool(tls_cert) != bool(tls_key):
+        raise err("server.tls_key" if tls_cert else "server.tls_cert",
+                  "is needed too: set both server.tls_cert and server.tls_key, or neither")
+    if tls_cert:
+        _check_tls(tls_cert, tls_key, err)
+    ca_file = text(upstream, "upstream", "ca_file", "")
+    if ca_file:
+        _check_ca(ca_file, err)
+
     publish = table("publish", {"quiet_seconds", "rescan_seconds", "pending_quota"})
     quiet = seconds(publish, "publish", "quiet_seconds", DEFAULT_QUIET, 0.1, 3600)
     rescan = seconds(publish, "publish", "rescan_seconds", DEFAULT_RESCAN, 10, 7 * 86400)
@@ -302,8 +317,47 @@ def validate(data: dict[str, Any], path: str) -> Config:
         upstream_url=url, sync_interval=interval, sync_window=window, rate_limit=rate, sync_timeout=sync_timeout,
         max_request=max_request, relay_queue_quota=relay_quota, max_request_age=max_age, **rates,
         master_key=master_key, sources=sources, volume_size=volume_size,
+        tls_cert=tls_cert, tls_key=tls_key, ca_file=ca_file,
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
     )
+
+
+def _ssl_why(exc: ssl.SSLError) -> str:
+    reason = getattr(exc, "reason", None) or ""
+    return {"KEY_VALUES_MISMATCH": "the key does not belong to the certificate server.tls_cert",
+            "PEM_LIB": "not a PEM file of the expected kind",
+            "NO_START_LINE": "not a PEM file of the expected kind"}.get(reason, str(exc))
+
+
+def _check_tls(cert: str, key: str, err: Callable[[str, str], ConfigError]) -> None:
+    """Both files readable and PEM, the key that of the certificate: else one line naming the key."""
+    for k, p in (("server.tls_cert", cert), ("server.tls_key", key)):
+        if not os.path.isabs(p):
+            raise err(k, f"{p!r} must be an absolute path")
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            raise err(k, f"cannot read {p} ({exc.strerror})") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except ssl.SSLError as exc:
+        raise err("server.tls_cert", f"{cert}: {_ssl_why(exc)} (a PEM certificate is expected)") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise err("server.tls_key", f"{key}: {_ssl_why(exc)}") from None
+
+
+def _check_ca(path: str, err: Callable[[str, str], ConfigError]) -> None:
+    if not os.path.isabs(path):
+        raise err("upstream.ca_file", f"{path!r} must be an absolute path")
+    try:
+        ssl.create_default_context(cafile=path)
+    except OSError as exc:
+        raise err("upstream.ca_file", f"cannot read {path} ({exc.strerror})") from None
+    except ssl.SSLError as exc:
+        raise err("upstream.ca_file", f"{path}: {_ssl_why(exc)} (a PEM certificate is expected)") from None
 
 
 def render(cfg: Config) -> str:

@@ -45,7 +45,7 @@ from harmonicd.jobs import JobRunner, Outcome
 from harmonicd.logs import setup_daemon_logging
 from harmonicd.peer import UpstreamError, limits
 from harmonicd.peer.netwatch import NetWatch
-from harmonicd.peer.server import PeerServer
+from harmonicd.peer.server import PeerServer, tls_context
 from harmonicd.store import durable
 from harmonicd.store.store import Store
 from harmonicd.systemd import Notifier
@@ -69,9 +69,11 @@ class Daemon:
         self.control = ControlServer(self, cfg.socket, cfg.socket_group, cfg.admin_group)
         self.peer: PeerServer | None = None
         if cfg.listen:
+            tls = tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
             self.peer = PeerServer(cfg.id, cfg.role, cfg.state_dir, cfg.listen, self._answer, cfg.max_request,
-                                   rates=limits.Settings(cfg.max_syncs_per_minute, cfg.max_address_syncs_per_minute,
-                                                         cfg.max_downloads_per_address, cfg.max_request_age))
+                                   reader=self._read, tls=tls, rates=limits.Settings(
+                                       cfg.max_syncs_per_minute, cfg.max_address_syncs_per_minute,
+                                       cfg.max_downloads_per_address, cfg.max_request_age))
         self.watcher: FolderWatcher | None = None
         self._announcer: Any = None  # peer.mdns.Announcer while server.listen is announced on the LAN
         self._master_fp = ""
@@ -424,6 +426,10 @@ class Daemon:
     # -- the control API's backend
     async def status(self) -> dict[str, Any]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._status)
+
+    async def _read(self, fn: Callable[[Store], Any]) -> Any:
+        """The peer HTTP API's reads (objects, releases), in a status thread with its store view."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(self._reader()))
 
     def _reader(self) -> Store:
         """This status thread's own read-only view of the store, opened once: opening

@@ -32,6 +32,7 @@ MAX_REQUEST = 4_000_000_000  # a request pack carries a school's new statistics 
 CHUNK = 256 << 10
 PACK_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,80}-\d{8}T\d{6}-[0-9a-f]{12}-v\d{3}\.hpk\Z")
 SERVER_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+HEX64 = re.compile(r"[0-9a-f]{64}\Z")  # an object id, or the sha256 naming a shared pack
 
 
 # Why a sync with the upstream failed, as status's upstream.reason shows it

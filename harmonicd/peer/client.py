@@ -6,9 +6,12 @@ resumed from where it stopped with a Range request.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.utils
 import errno
+import functools
+import hashlib
 import http.client
 import json
 import logging
@@ -20,7 +23,10 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from harmonicd.peer import API, CHUNK, PACK_NAME, UpstreamError
+from harmonicd.core.objects import KIND_NAMES, MAX_OBJECT, object_id
+from harmonicd.core.release import SignedRelease, decode
+from harmonicd.errors import HarmonicError
+from harmonicd.peer import API, CHUNK, HEX64, PACK_NAME, UpstreamError
 
 log = logging.getLogger("harmonicd")
 
@@ -57,19 +63,40 @@ class _ThrottledFile:
         return data
 
 
-def _connection(url: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+@functools.lru_cache(maxsize=8)
+def _tls_context(ca_file: str, _changed: int) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def tls_context(ca_file: str = "") -> ssl.SSLContext:
+    """The context https upstreams are checked with: the certificate must verify
+    (always) against upstream.ca_file if set (a private CA, or the master's
+    self-signed certificate), else the system's CA store; the host name must match.
+    Built once per file version (loading the system store costs milliseconds)."""
+    try:
+        changed = os.stat(ca_file).st_mtime_ns if ca_file else 0
+        return _tls_context(ca_file, changed)
+    except (OSError, ssl.SSLError) as exc:
+        raise UpstreamError(f"upstream.ca_file {ca_file}: cannot be used ({exc})", False, "tls") from None
+
+
+def _connection(url: urllib.parse.SplitResult, tls: ssl.SSLContext | None = None) -> http.client.HTTPConnection:
     host = url.hostname or ""
     if url.scheme == "https":
-        return http.client.HTTPSConnection(host, url.port or 443, timeout=CONNECT_TIMEOUT)
+        return http.client.HTTPSConnection(host, url.port or 443, timeout=CONNECT_TIMEOUT,
+                                           context=tls or tls_context())
     if url.scheme == "http":
         return http.client.HTTPConnection(host, url.port or 80, timeout=CONNECT_TIMEOUT)
     raise UpstreamError(f"upstream.url {url.geturl()}: only http:// and https:// are supported", False)
 
 
 def _request(base: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-             timeout: float = READ_TIMEOUT) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+             timeout: float = READ_TIMEOUT, tls: ssl.SSLContext | None = None,
+             ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     url = urllib.parse.urlsplit(base)
-    conn = _connection(url)
+    conn = _connection(url, tls)
     try:
         conn.connect()
         assert conn.sock is not None
@@ -180,14 +207,15 @@ def refused(base: str, resp: http.client.HTTPResponse, data: dict[str, Any], wha
     return UpstreamError(f"{base}: {what} refused ({resp.status}): {why}", True, "http")
 
 
-def post_request(base: str, path: str, rate: int = 0, timeout: float = READ_TIMEOUT) -> list[dict[str, Any]]:
-    """POST a request pack; the answer's pack files (name, size, url)."""
+def post_request(base: str, path: str, rate: int = 0, timeout: float = READ_TIMEOUT,
+                 tls: ssl.SSLContext | None = None) -> list[dict[str, Any]]:
+    """POST a request pack; the answer's pack files (name, size, url, shared[, sha256])."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         body = _ThrottledFile(f, Throttle(rate)) if rate else f
         conn, resp = _request(base, "POST", f"{API}/sync", body=body,
                               headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                              timeout=timeout)
+                              timeout=timeout, tls=tls)
     try:
         data = _json(resp, base, timeout)
     finally:
@@ -197,14 +225,18 @@ def post_request(base: str, path: str, rate: int = 0, timeout: float = READ_TIME
     packs = data.get("packs")
     if not isinstance(packs, list) or not all(
             isinstance(p, dict) and isinstance(p.get("name"), str) and PACK_NAME.match(p["name"])
-            and isinstance(p.get("size"), int) and isinstance(p.get("url"), str) for p in packs):
+            and isinstance(p.get("size"), int) and isinstance(p.get("url"), str)
+            and (p.get("sha256") is None or (isinstance(p["sha256"], str) and HEX64.match(p["sha256"])))
+            for p in packs):
         raise UpstreamError(f"{base}: the sync answer does not list packs as expected", True)
     return packs
 
 
 def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[int], None] | None = None,
-             rate: int = 0, timeout: float = READ_TIMEOUT) -> str:
-    """Fetch one answer pack into folder, continuing a partial file with Range."""
+             rate: int = 0, timeout: float = READ_TIMEOUT, tls: ssl.SSLContext | None = None) -> str:
+    """Fetch one answer pack into folder, continuing a partial file with Range. A
+    shared pack (its sha256 given: the hash its URL names) is checked against it,
+    so a cache that kept broken bytes is named as such."""
     throttle = Throttle(rate)
     started = time.monotonic()
     os.makedirs(folder, exist_ok=True)
@@ -213,7 +245,7 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
     want = int(pack["size"])
     # Where it comes from, for the next sync to continue it if this one is cut.
     with open(final + ".json", "w") as f:
-        json.dump({"name": pack["name"], "size": want, "url": pack["url"]}, f)
+        json.dump({k: pack[k] for k in ("name", "size", "url", "shared", "sha256") if k in pack}, f)
     have = os.path.getsize(part) if os.path.exists(part) else 0
     if have > want:
         os.unlink(part)
@@ -221,7 +253,7 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
     start_at = have
     if have < want:
         headers = {"Range": f"bytes={have}-"} if have else {}
-        conn, resp = _request(base, "GET", pack["url"], headers=headers, timeout=timeout)
+        conn, resp = _request(base, "GET", pack["url"], headers=headers, timeout=timeout, tls=tls)
         try:
             if resp.status == 200 and have:
                 have = start_at = 0  # the server ignored the Range: start again
@@ -253,9 +285,24 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
         if have != want:
             raise UpstreamError(f"{base}: {pack['name']} cut off at {have} of {want} bytes; "
                                 "the next sync continues from there", False)
+    digest = pack.get("sha256")
+    if isinstance(digest, str) and _sha256(part) != digest:
+        for p in (part, final + ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        raise UpstreamError(f"{base}: {pack['name']} does not match the sha256 its URL names (a cache or proxy "
+                            "between here and the master kept broken bytes?); dropped", True, "http")
     os.replace(part, final)
     os.unlink(final + ".json")
     return final
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _check_pace(base: str, name: str, got: int, started: float, timeout: float, have: int, want: int) -> None:
@@ -269,16 +316,20 @@ def _check_pace(base: str, name: str, got: int, started: float, timeout: float, 
 
 
 def resume_pending(base: str, folder: str, progress: Callable[[int], None] | None = None,
-                   rate: int = 0, timeout: float = READ_TIMEOUT) -> list[str]:
+                   rate: int = 0, timeout: float = READ_TIMEOUT, tls: ssl.SSLContext | None = None) -> list[str]:
     """Finish the downloads an earlier sync left cut short (before asking again,
-    which would make the server replace them). Returns the completed files; a
-    pack the server no longer has is dropped."""
+    which would make the server replace them). Returns the completed files (and
+    whole downloads a cut sync did not get to apply); a pack the server no
+    longer has is dropped."""
     done: list[str] = []
     try:
         names = sorted(os.listdir(folder))
     except FileNotFoundError:
         return done
     for n in names:
+        if n.endswith(".hpk") and n + ".json" not in names and PACK_NAME.match(n):
+            done.append(os.path.join(folder, n))  # downloaded whole; the sync stopped before applying it
+            continue
         if not n.endswith(".hpk.json"):
             continue
         meta_path = os.path.join(folder, n)
@@ -292,7 +343,7 @@ def resume_pending(base: str, folder: str, progress: Callable[[int], None] | Non
             os.unlink(meta_path)
             continue
         try:
-            done.append(download(base, pack, folder, progress, rate, timeout))
+            done.append(download(base, pack, folder, progress, rate, timeout, tls))
         except UpstreamError as exc:
             if "404" not in str(exc):
                 raise
@@ -303,9 +354,54 @@ def resume_pending(base: str, folder: str, progress: Callable[[int], None] | Non
     return done
 
 
-def health(base: str) -> dict[str, Any]:
-    conn, resp = _request(base, "GET", f"{API}/health")
+def health(base: str, tls: ssl.SSLContext | None = None) -> dict[str, Any]:
+    conn, resp = _request(base, "GET", f"{API}/health", tls=tls)
     try:
         return _json(resp, base)
     finally:
         conn.close()
+
+
+def fetch_object(base: str, oid: bytes, timeout: float = READ_TIMEOUT,
+                 tls: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    """One object by its id (GET /v1/objects/<hex id>): the body is the kind byte
+    and the payload, whose BLAKE3 hash is the id; checked here, so whoever
+    served it (the master, a relay, a cache) cannot change it."""
+    conn, resp = _request(base, "GET", f"{API}/objects/{oid.hex()}", timeout=timeout, tls=tls)
+    try:
+        if resp.status != 200:
+            raise UpstreamError(f"{base}: object {oid.hex()[:12]}: {resp.status} {resp.reason}", True, "http")
+        body = _read_body(resp, base, MAX_OBJECT + 1, timeout)
+    finally:
+        conn.close()
+    if not body or body[0] not in KIND_NAMES or object_id(body[0], body[1:]) != oid:
+        raise UpstreamError(f"{base}: object {oid.hex()[:12]}: what arrived does not match its id", True, "http")
+    return body[0], body[1:]
+
+
+def fetch_release(base: str, collection: str, master_key: bytes, timeout: float = READ_TIMEOUT,
+                  tls: ssl.SSLContext | None = None) -> SignedRelease:
+    """The latest release of a collection for everyone (GET /v1/releases/<name>),
+    its signature checked against the master's key: a relay or cache cannot forge
+    one (it can only serve an older one, which the caller compares by seq)."""
+    conn, resp = _request(base, "GET", f"{API}/releases/{urllib.parse.quote(collection, safe='')}",
+                          timeout=timeout, tls=tls)
+    try:
+        data = _json(resp, base, timeout)
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise UpstreamError(f"{base}: release of {collection}: {resp.status} {data.get('error', resp.reason)}",
+                            True, "http")
+    try:
+        sr = decode(base64.b64decode(str(data["body"]), validate=True), base64.b64decode(str(data["sig"]),
+                                                                                          validate=True))
+        sr.verify(master_key)
+    except (KeyError, ValueError, HarmonicError) as exc:
+        raise UpstreamError(f"{base}: release of {collection}: not a release signed by the master ({exc})",
+                            True, "http") from None
+    r = sr.release
+    if r.collection != collection or data.get("seq") != r.seq or data.get("root") != r.root.hex():
+        raise UpstreamError(f"{base}: release of {collection}: the signed release says {r.label()}, "
+                            "not what the answer names", True, "http")
+    return sr

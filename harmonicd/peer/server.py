@@ -1,27 +1,64 @@
-"""The peer HTTP API's server side (docs/http-api.md), aiohttp on TCP."""
+"""The peer HTTP API's server side (docs/http-api.md), aiohttp on TCP (or TLS).
+
+Two kinds of answers, for two kinds of HTTP caches:
+
+- private (``Cache-Control: private, no-store``): the sync exchange and the
+  per-school answer pack, which only its school may read;
+- public: shared release packs (``/v1/shared/<sha256>/<name>``) and objects by
+  hash (``/v1/objects/<id>``), whose URL names a hash of their bytes, so they
+  never change: strong ETag, ``public, max-age=31536000, immutable``, Range;
+  and the latest signed release of each collection (``public, max-age=60``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
+import re
+import ssl
 import tempfile
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from harmonicd import __version__
-from harmonicd.errors import HarmonicError, PackError, TrustError
-from harmonicd.peer import API, CHUNK, MAX_REQUEST, PACK_NAME, SERVER_ID, limits
+from harmonicd.core.objects import object_id
+from harmonicd.errors import HarmonicError, IntegrityError, PackError, TrustError
+from harmonicd.peer import API, CHUNK, HEX64, MAX_REQUEST, PACK_NAME, SERVER_ID, limits
+from harmonicd.store.store import Store
 
 log = logging.getLogger("harmonicd")
 
 # (request pack path) -> (school id, [(answer file path, size)]); runs the store work as a job
 Answerer = Callable[[str], Awaitable[tuple[str, list[tuple[str, int]]]]]
+# Runs a function with a read-only view of the store, off the event loop.
+Reader = Callable[[Callable[[Store], Any]], Awaitable[Any]]
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+RELEASE_MAX_AGE = 60  # seconds a cache may serve a collection's latest release before asking again
+PRIVATE = "private, no-store"
+SHARED = "shared"  # STATE/shared/<sha256>/<name> (services/shared.py)
+COLLECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The server's TLS context (config.load has checked the files already)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise HarmonicError(f"server.tls_cert/server.tls_key: cannot be used ({exc})") from None
+    return ctx
+
 
 class PeerServer:
     def __init__(self, server_id: str, role: str, state_dir: str, listen: str, answerer: Answerer,
-                 max_request: int = MAX_REQUEST, rates: limits.Settings | None = None) -> None:
+                 max_request: int = MAX_REQUEST, reader: Reader | None = None,
+                 tls: ssl.SSLContext | None = None, rates: limits.Settings | None = None) -> None:
         self.max_request = max_request
         self.limits = limits.Limits(rates or limits.Settings())  # peer/limits.py: who, how often, why not
         self.server_id = server_id
@@ -29,6 +66,8 @@ class PeerServer:
         self.state_dir = state_dir
         self.listen = listen
         self.answerer = answerer
+        self.reader = reader
+        self.tls = tls
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -36,10 +75,14 @@ class PeerServer:
         app = web.Application(client_max_size=1 << 20, middlewares=[self.limits.middleware])
         app.router.add_post(f"{API}/sync", self._sync)
         app.router.add_get(f"{API}/packs/{{school}}/{{name}}", self._pack)
+        app.router.add_get(f"{API}/shared/{{digest}}/{{name}}", self._shared)
+        app.router.add_get(f"{API}/objects/{{oid}}", self._object)
+        app.router.add_get(f"{API}/releases/{{name}}", self._release)
         app.router.add_get(f"{API}/health", self._health)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), reuse_address=True)
+        site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), reuse_address=True,
+                           ssl_context=self.tls)
         try:
             await site.start()
         except OSError as exc:
@@ -92,9 +135,18 @@ class PeerServer:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        packs = [{"name": os.path.basename(p), "size": size,
-                  "url": f"{API}/packs/{school}/{os.path.basename(p)}"} for p, size in files]
-        return web.json_response({"server": self.server_id, "school": school, "packs": packs})
+        shared_top = os.path.join(self.state_dir, SHARED)
+        packs: list[dict[str, Any]] = []
+        for p, size in files:
+            name, folder = os.path.basename(p), os.path.dirname(p)
+            if os.path.dirname(folder) == shared_top:
+                digest = os.path.basename(folder)
+                packs.append({"name": name, "size": size, "url": f"{API}/shared/{digest}/{name}",
+                              "shared": True, "sha256": digest})
+            else:
+                packs.append({"name": name, "size": size, "url": f"{API}/packs/{school}/{name}", "shared": False})
+        return web.json_response({"server": self.server_id, "school": school, "packs": packs},
+                                 headers={"Cache-Control": PRIVATE})
 
     async def _pack(self, request: web.Request) -> web.StreamResponse:
         school, name = request.match_info["school"], request.match_info["name"]
@@ -104,7 +156,141 @@ class PeerServer:
         if not await asyncio.to_thread(os.path.isfile, path):
             return _error(404, "no such pack (a newer sync replaced it?)")
         # FileResponse answers Range requests: a cut download resumes where it stopped.
-        return web.FileResponse(path, headers={"Cache-Control": "private, max-age=0"})
+        # Addressed to one school and replaced at its next sync: no cache may keep it.
+        return web.FileResponse(path, headers={"Cache-Control": PRIVATE})
+
+    async def _shared(self, request: web.Request) -> web.StreamResponse:
+        digest, name = request.match_info["digest"], request.match_info["name"]
+        if not HEX64.match(digest) or not PACK_NAME.match(name):
+            return _error(404, "no such pack")
+        path = os.path.join(self.state_dir, SHARED, digest, name)
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except OSError:
+            return _error(404, "no such pack (the release is no longer the latest?)")
+        try:
+            size = os.fstat(f.fileno()).st_size
+            return await _ranged(request, size, digest, IMMUTABLE, _file_chunks(f))
+        finally:
+            f.close()
+
+    async def _object(self, request: web.Request) -> web.StreamResponse:
+        oid = request.match_info["oid"].lower()
+        if not HEX64.match(oid):
+            return _error(404, "not an object id (64 hex digits)")
+        if self.reader is None:
+            return _error(404, "this server does not serve objects")
+        try:
+            got: tuple[int, bytes] | None = await self.reader(lambda st: _get_object(st, bytes.fromhex(oid)))
+        except IntegrityError as exc:
+            log.error("GET object %s: %s", oid, exc)
+            return _error(500, f"the server's copy is damaged: {exc}")
+        if got is None:
+            return _error(404, "no such object here")
+        body = bytes((got[0],)) + got[1]
+
+        async def whole(start: int, end: int) -> Any:
+            yield body[start:end]
+
+        return await _ranged(request, len(body), oid, IMMUTABLE, whole)
+
+    async def _release(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if not COLLECTION.match(name) or self.reader is None:
+            return _error(404, "no such collection")
+        master = self.role == "master"
+        row = await self.reader(lambda st: _latest(st, name, master))
+        if row is None:
+            return _error(404, "no such collection")
+        seq, root, body, sig = row
+        etag = f'"{seq}-{root.hex()}"'
+        headers = {"Cache-Control": f"public, max-age={RELEASE_MAX_AGE}", "ETag": etag}
+        if _etag_matches(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers=headers)
+        return web.json_response({"collection": name, "seq": seq, "root": root.hex(),
+                                  "body": base64.b64encode(body).decode(), "sig": base64.b64encode(sig).decode()},
+                                 headers=headers)
+
+
+def _get_object(store: Store, oid: bytes) -> tuple[int, bytes] | None:
+    if not store.objects.has(oid):
+        return None
+    kind, payload = store.objects.get(oid)  # verified against its id
+    if object_id(kind, payload) != oid:
+        raise IntegrityError(f"object {oid.hex()} does not match its id")
+    return kind, payload
+
+
+def _latest(store: Store, name: str, master: bool) -> tuple[int, bytes, bytes, bytes] | None:
+    """The latest release of a collection for everyone, signed by the master: the
+    master's own (owned), or on a school or relay the replica of one."""
+    c = store.db.collection(name)
+    if c is None or c.target is not None or c.root is None or c.mode != ("owned" if master else "replica"):
+        return None
+    row = store.db.release(name, c.seq)
+    if row is None:
+        return None
+    return row.seq, row.root, row.body, row.sig
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if header is None:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+Chunks = Callable[[int, int], Any]  # (start, end) -> async iterator of bytes
+
+
+def _file_chunks(f: Any) -> Chunks:
+    async def chunks(start: int, end: int) -> Any:
+        await asyncio.to_thread(f.seek, start)
+        left = end - start
+        while left > 0:
+            data = await asyncio.to_thread(f.read, min(CHUNK, left))
+            if not data:
+                return
+            left -= len(data)
+            yield data
+
+    return chunks
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
+
+
+async def _ranged(request: web.Request, size: int, digest: str, cache: str, chunks: Chunks) -> web.StreamResponse:
+    """Bytes named by a hash: strong ETag (the hash), If-None-Match (304), one
+    Range (206; If-Range honoured; several ranges get the whole body, as RFC 9110 allows)."""
+    etag = f'"{digest}"'
+    headers = {"ETag": etag, "Cache-Control": cache, "Accept-Ranges": "bytes"}
+    if _etag_matches(request.headers.get("If-None-Match"), etag):
+        return web.Response(status=304, headers=headers)
+    start, end, status = 0, size, 200
+    rng = request.headers.get("Range")
+    if_range = request.headers.get("If-Range")
+    m = _RANGE.match(rng.strip()) if rng else None
+    if m is not None and (m[1] or m[2]) and (if_range is None or if_range.strip() == etag):
+        if m[1]:
+            start = int(m[1])
+            end = min(int(m[2]) + 1, size) if m[2] else size
+        else:
+            start = max(size - int(m[2]), 0)
+        if start >= size or (m[1] and m[2] and int(m[2]) < start) or (not m[1] and int(m[2]) == 0):
+            headers["Content-Range"] = f"bytes */{size}"
+            return web.Response(status=416, headers=headers)
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_type = "application/octet-stream"
+    resp.content_length = end - start
+    await resp.prepare(request)
+    if request.method != "HEAD":
+        async for data in chunks(start, end):
+            await resp.write(data)
+    await resp.write_eof()
+    return resp
 
 
 def _error(status: int, message: str) -> web.Response:

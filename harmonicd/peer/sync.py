@@ -59,10 +59,10 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
     url = upstream_url(store)
     folder = os.path.join(store.dir, "tmp", f"request-{os.getpid()}-{os.urandom(4).hex()}")
     earlier: list[ImportResult] = []
-    rate, wait = store.cfg.rate_limit, store.cfg.sync_timeout
+    rate, wait, tls = store.cfg.rate_limit, store.cfg.sync_timeout, client.tls_context(store.cfg.ca_file)
     try:
         # What a cut link left half-downloaded is finished first (Range), not asked for again.
-        earlier = _take(store, client.resume_pending(url, downloads(store), progress, rate, wait), progress)
+        earlier = _take(store, client.resume_pending(url, downloads(store), progress, rate, wait, tls), progress)
     except UpstreamError as exc:
         record_upstream(store, exc.reachable, str(exc), exc.reason)
         raise
@@ -71,8 +71,8 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
         try:
             packs: list[dict[str, Any]] = []
             for f in req.files:
-                packs = client.post_request(url, f, rate, wait)
-            paths = [client.download(url, p, downloads(store), progress, rate, wait) for p in packs]
+                packs = client.post_request(url, f, rate, wait, tls)
+            paths = [client.download(url, p, downloads(store), progress, rate, wait, tls) for p in packs]
         except UpstreamError as exc:
             record_upstream(store, exc.reachable, str(exc), exc.reason)
             raise
@@ -117,16 +117,16 @@ def forward(store: Store, url: str, progress: Callable[[int], None]) -> list[str
     master's per-school answer back into relay/down/<school>/. Returns the
     schools answered. A request the master refuses (not enrolled, a copy) is
     dropped with a warning; an unreachable master keeps the queue (raised)."""
-    rate, wait = store.cfg.rate_limit, store.cfg.sync_timeout
+    rate, wait, tls = store.cfg.rate_limit, store.cfg.sync_timeout, client.tls_context(store.cfg.ca_file)
     done = []
     for school, files in relay.queued(store).items():
         down = relay.down_dir(store, school)
         try:
             # The last answer's downloads that a cut link stopped, finished first.
-            client.resume_pending(url, down, progress, rate, wait)
+            client.resume_pending(url, down, progress, rate, wait, tls)
             packs: list[dict[str, Any]] = []
             for f in files:
-                packs = client.post_request(url, f, rate, wait)
+                packs = client.post_request(url, f, rate, wait, tls)
         except UpstreamError as exc:
             if exc.reachable and exc.reason == "refused-by-server":
                 log.warning("the master refused %s's request that this relay forwarded: %s", school, exc)
@@ -140,7 +140,7 @@ def forward(store: Store, url: str, progress: Callable[[int], None]) -> list[str
         _drop(files)
         mine = [p for p in packs if not p.get("shared")]
         try:
-            got = [client.download(url, p, down, progress, rate, wait) for p in mine]
+            got = [client.download(url, p, down, progress, rate, wait, tls) for p in mine]
         except UpstreamError as exc:
             record_upstream(store, exc.reachable, f"forwarding {school}'s answer: {exc}", exc.reason)
             raise

@@ -633,7 +633,7 @@ def _known_from(store: Store, roots: list[ObjectId]) -> set[ObjectId]:
 @dataclass
 class Outgoing:
     recipient: str | None
-    recipient_key: bytes
+    recipient_key: bytes | None  # None: anyone may read it (a shared release pack, services/shared.py)
     releases: list[ReleaseRow]
     roots: list[tuple[ObjectId, ObjectId | None]]
     known: set[ObjectId]
@@ -690,15 +690,16 @@ def lacking(store: Store, colls: list[Collection], held: dict[str, tuple[int, Ob
     return releases, roots, known
 
 
-def for_school(store: Store, school: str) -> Outgoing:
-    """The master's answer to a school: what it lacks of the master's collections, and acks."""
+def for_school(store: Store, school: str, leave_out: frozenset[str] = frozenset()) -> Outgoing:
+    """The master's answer to a school: what it lacks of the master's collections, and acks.
+    Collections named in leave_out go to the school in a shared pack instead (online sync)."""
     db = store.db
     peer = db.peer(school)
     if peer is None:
         raise HarmonicError(f"{school} is not an enrolled school server")
     held, partial = stored_have(peer.have)
     colls = [c for c in db.collections()
-             if c.mode == "owned" and c.target in (None, school)]
+             if c.mode == "owned" and c.target in (None, school) and c.name not in leave_out]
     releases, roots, known = lacking(store, colls, held)
     acks = []
     for c in db.collections():
@@ -719,7 +720,7 @@ def write_packs(store: Store, out: Outgoing, folder: str,
     cfg = store.cfg
     wants = plan(store, out.roots, out.known, out.held)
     total = sum(w.size for w in wants)
-    res = ExportResult(out.recipient or "master")
+    res = ExportResult(out.recipient or ("master" if out.recipient_key else "everyone"))
     res.releases = [f"{r.name} release {r.seq}" for r in out.releases]
     pack_id = new_pack_id()
     created = int(time.time())

@@ -186,7 +186,10 @@ def gc(store: Store) -> GcReport:
     # Master: its own older releases are kept only while some school holds
     # them (they are the bases of the smallest deltas); otherwise dropped.
     if cfg.is_master:
+        from harmonicd.services import shared
         from harmonicd.services.exchange import stored_have
+
+        shared.prune(store)  # shared packs of releases that are no longer the latest
 
         held_roots: set[ObjectId] = set()
         for p in db.peers("node"):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harmonicd.errors import PackError, ReplayedRequest, StoreError
+from harmonicd.services import shared
 from harmonicd.services.exchange import (
     ExportResult,
     ImportResult,
@@ -63,7 +64,12 @@ def answer(store: Store, request: str,
            progress: Callable[[int], None] | None = None) -> tuple[ImportResult, ExportResult]:
     """Master: take a school's request pack (verified exactly as one from a stick;
     a pack from anyone but an enrolled school is refused there) and write the
-    answer into the school's outbox."""
+    answer into the school's outbox.
+
+    The answer's files: first the shared packs (STATE/shared/, services/shared.py)
+    of the collections for everyone it lacks, built once for all schools at the
+    same release; then the per-school pack (acknowledgements, collections for
+    this school alone, anything planned from its unfinished releases)."""
     got = import_pack(store, request, "online", progress)
     if got.duplicate:
         # A school makes a new request pack for every sync (a retry too): the same
@@ -73,10 +79,13 @@ def answer(store: Store, request: str,
     peer = store.db.peer(got.sender)
     if peer is None or peer.role != "node":
         raise PackError(f"{os.path.basename(request)}: not from an enrolled school server")
+    common = shared.for_school(store, got.sender, progress)
     dest = outbox(store, got.sender)
     os.makedirs(dest, exist_ok=True)
-    res = write_packs(store, for_school(store, got.sender), dest, progress)
+    res = write_packs(store, for_school(store, got.sender, common.collections), dest, progress)
     _supersede(dest, store.cfg.id, res.files)
+    res.files = common.files + res.files
+    res.releases = common.releases + res.releases
     return got, res
 
 

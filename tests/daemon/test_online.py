@@ -97,7 +97,7 @@ class CuttingProxy:
         if f is None:
             return None
         kind = f[0]
-        is_pack = head.startswith(b"GET /v1/packs/")
+        is_pack = head.startswith((b"GET /v1/packs/", b"GET /v1/shared/"))
         is_sync = head.startswith(b"POST /v1/sync")
         if kind in ("cut", "longer", "drip") and not is_pack:
             return None
@@ -243,7 +243,7 @@ def test_cut_download_resumes_with_range(tmp_path: Path, online: Callable[..., t
         rc, _out, err = _sync(s)
         assert rc == 0, err
         ranges = [h for h in proxy.heads
-                  if h.startswith("GET /v1/packs/") and f"range: bytes={have}-" in h.lower()]
+                  if h.startswith(("GET /v1/packs/", "GET /v1/shared/")) and f"range: bytes={have}-" in h.lower()]
         assert ranges, "the second download did not continue with a Range request"
         assert tree_digest(s.deploy / "content") == tree_digest(src)
         assert not list((s.state / "online").iterdir())
