@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from harmonicd import __version__
+from harmonicd.core.diff import reachable
 from harmonicd.core.objects import object_id
 from harmonicd.errors import HarmonicError, IntegrityError, PackError, TrustError
 from harmonicd.peer import API, CHUNK, HEX64, MAX_REQUEST, PACK_NAME, SERVER_ID, limits
@@ -41,7 +42,7 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 RELEASE_MAX_AGE = 60  # seconds a cache may serve a collection's latest release before asking again
 PRIVATE = "private, no-store"
 SHARED = "shared"  # STATE/shared/<sha256>/<name> (services/shared.py)
-COLLECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+COLLECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,191}\Z")  # NAME, or NAME@SCHOOL (refused below)
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -68,6 +69,9 @@ class PeerServer:
         self.answerer = answerer
         self.reader = reader
         self.tls = tls
+        # Objects served by hash: those of the latest releases for everyone, as
+        # (their roots, every object reachable from them), recomputed when a root changes.
+        self._public: tuple[tuple[bytes, ...], frozenset[bytes]] | None = None
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -181,8 +185,8 @@ class PeerServer:
         if self.reader is None:
             return _error(404, "this server does not serve objects")
         try:
-            got: tuple[int, bytes] | None = await self.reader(lambda st: _get_object(st, bytes.fromhex(oid)))
-        except IntegrityError as exc:
+            got: tuple[int, bytes] | None = await self.reader(lambda st: self._public_object(st, bytes.fromhex(oid)))
+        except HarmonicError as exc:
             log.error("GET object %s: %s", oid, exc)
             return _error(500, f"the server's copy is damaged: {exc}")
         if got is None:
@@ -210,6 +214,21 @@ class PeerServer:
         return web.json_response({"collection": name, "seq": seq, "root": root.hex(),
                                   "body": base64.b64encode(body).decode(), "sig": base64.b64encode(sig).decode()},
                                  headers=headers)
+
+
+    def _public_object(self, store: Store, oid: bytes) -> tuple[int, bytes] | None:
+        """An object of a latest release for everyone, or None: a school's statistics
+        and backups, and collections for one school, are never served by hash (their
+        ids are not secrets enough: a known file's hash would confirm a school holds it)."""
+        mode = "owned" if self.role == "master" else "replica"
+        roots = tuple(sorted(c.root for c in store.db.collections()
+                             if c.mode == mode and c.target is None and c.root is not None))
+        public = self._public
+        if public is None or public[0] != roots:
+            public = self._public = (roots, frozenset(reachable(store, roots)))
+        if oid not in public[1]:
+            return None
+        return _get_object(store, oid)
 
 
 def _get_object(store: Store, oid: bytes) -> tuple[int, bytes] | None:

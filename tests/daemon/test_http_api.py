@@ -215,11 +215,16 @@ def test_objects_by_hash(tmp_path: Path, start_daemon: Callable[..., DaemonProc]
     src = tmp_path / "content"
     write_tree(src, {"a.txt": b"hello\n"})
     m.ctl("publish", "content", str(src))
+    letter = tmp_path / "letter"
+    write_tree(letter, {"private.txt": b"for school-1 only\n"})
+    m.ctl("publish", "letter", str(letter), "--for", "school-1")
     start_daemon(m)
     base = f"http://127.0.0.1:{port}"
     with m.store(lock=False) as store:
         root = store.db.collection("content").root  # type: ignore[union-attr]
+        private_root = store.db.collection("letter@school-1").root  # type: ignore[union-attr]
     assert root is not None
+    assert private_root is not None
     kind, payload = client.fetch_object(base, root)
     assert kind == TREE
     assert [e.name for e in decode_tree(payload)] == ["a.txt"]
@@ -230,6 +235,8 @@ def test_objects_by_hash(tmp_path: Path, start_daemon: Callable[..., DaemonProc]
     assert get(port, f"/v1/objects/{root.hex()}", {"Range": "bytes=0-0"})[2] == bytes((TREE,))
     with pytest.raises(UpstreamError, match="404"):
         client.fetch_object(base, b"\x07" * 32)
+    # Held, but of a collection for one school: not served by hash.
+    assert get(port, f"/v1/objects/{private_root.hex()}")[0] == 404
     assert get(port, "/v1/objects/not-hex")[0] == 404
 
     # Whoever serves it, the client checks the bytes against the id.
@@ -276,7 +283,7 @@ def test_latest_release(tmp_path: Path, start_daemon: Callable[..., DaemonProc],
     assert get(port, "/v1/releases/content", {"If-None-Match": h["etag"]})[0] == 304
     with pytest.raises(UpstreamError, match="not a release signed by the master"):
         client.fetch_release(base, "content", b"\x01" * 32)
-    for name in ("nothing-here", "letter"):  # unknown, and one school's own collection
+    for name in ("nothing-here", "letter@school-1"):  # unknown, and one school's own collection
         with pytest.raises(UpstreamError, match="404"):
             client.fetch_release(base, name, master_key)
 
