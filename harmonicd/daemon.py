@@ -247,15 +247,17 @@ class Daemon:
         failures = 0
         delay = STARTUP_SYNC_DELAY
         not_before = 0.0  # monotonic: the upstream asked us to wait until then (429)
+        owed = False  # the network came up while we had to wait: sync once the wait is over
         while True:
-            network = await self._sleep_or_network(delay)
+            network = await self._sleep_or_network(delay) or owed
+            owed = False
             cfg = self.cfg
             if not cfg.upstream_url or (not network and not cfg.sync_interval):
                 delay = 60.0  # a reload may turn it on
                 continue
             wait = not_before - time.monotonic()
             if wait > 0:
-                delay = wait
+                owed, delay = network, wait
                 continue
             now = time.localtime()
             if not network and not config_mod.in_window(cfg.sync_window, now.tm_hour * 60 + now.tm_min):

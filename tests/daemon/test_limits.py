@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -202,6 +203,86 @@ def test_replayed_and_stale_requests_are_refused(tmp_path: Path, start_daemon: C
     _fixed(s, d, src)
     rc, out = _sync(s)  # and again: a retry is never a replay
     assert rc == 0, out
+
+
+class LostAnswerProxy:
+    """Forwards to the master; the first sync POST reaches the master whole, and
+    its answer is dropped on the way back (the link cut at the worst moment)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.dropped = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        up = socket.create_connection(("127.0.0.1", self.target))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(65536)
+        if head.startswith(b"POST /v1/sync") and not self.dropped:
+            self.dropped = 1
+            head, _, body = head.partition(b"\r\n\r\n")
+            m = re.search(rb"(?i)content-length: (\d+)", head)
+            assert m is not None
+            while len(body) < int(m.group(1)):
+                body += conn.recv(65536)
+            up.sendall(head + b"\r\nConnection: close\r\n\r\n" + body)
+            while up.recv(65536):  # the master's whole answer, thrown away
+                pass
+            conn.close()
+            up.close()
+            return
+        up.sendall(head)
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                b.close()
+                a.close()
+
+        threading.Thread(target=pipe, args=(conn, up), daemon=True).start()
+        pipe(up, conn)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_retry_after_a_lost_answer_is_answered(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    """The master took the request and answered; the answer never arrived. The
+    school's next sync makes a new request: answered, not refused as a replay."""
+    port = free_port()
+    proxy = LostAnswerProxy(port)
+    try:
+        m, key = make_master(tmp_path, "master-1", "--listen", f"127.0.0.1:{port}")
+        s = make_school(tmp_path, m, key, "school-1", "--upstream", f"http://127.0.0.1:{proxy.port}")
+        no_auto_sync(s)
+        src = tmp_path / "content"
+        write_tree(src, {"a.txt": b"hello\n"})
+        m.ctl("publish", "content", str(src))
+        start_daemon(m)
+        d = start_daemon(s)
+        rc, out = _sync(s)
+        assert rc == 1, out
+        assert proxy.dropped == 1
+        assert d.status()["upstream"]["reason"] == "cut", out
+        assert (m.state / "outbox" / "school-1").is_dir(), "the master should have answered the first request"
+        _fixed(s, d, src)
+    finally:
+        proxy.close()
 
 
 def test_too_many_syncs_gets_429_and_the_school_waits(tmp_path: Path,
