@@ -377,3 +377,36 @@ def test_tls_config_errors(tmp_path: Path) -> None:
     set_keys(m, "server", tls_cert=str(cert), tls_key=str(key))
     assert config_mod.load(str(m.config)).tls_cert == str(cert)
     assert isinstance(client.tls_context(str(cert)), ssl.SSLContext)
+
+
+def test_shared_download_checked_against_its_hash(tmp_path: Path) -> None:
+    """A cache that kept broken bytes under a shared pack's URL: the download is
+    refused by its SHA-256 and nothing of it is kept (the school does not apply it)."""
+    data = os.urandom(5000)
+
+    class Cache(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    cache = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cache)
+    threading.Thread(target=cache.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{cache.server_address[1]}"
+    name = "master-1-20261127T081200-0123456789ab-v001.hpk"
+    folder = tmp_path / "online"
+    try:
+        wrong = hashlib.sha256(b"the real pack").hexdigest()
+        pack = {"name": name, "size": len(data), "url": f"/v1/shared/{wrong}/{name}", "shared": True, "sha256": wrong}
+        with pytest.raises(UpstreamError, match="does not match the sha256"):
+            client.download(base, pack, str(folder))
+        assert not list(folder.iterdir())
+        right = hashlib.sha256(data).hexdigest()
+        pack.update(sha256=right, url=f"/v1/shared/{right}/{name}")
+        assert Path(client.download(base, pack, str(folder))).read_bytes() == data
+    finally:
+        cache.shutdown()
