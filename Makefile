@@ -43,6 +43,7 @@ bench: venv
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/daemon.py
 	$(BIN)/python benchmarks/online.py
+	$(BIN)/python benchmarks/schools.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
