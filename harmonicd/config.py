@@ -87,7 +87,7 @@ class Config:
     max_syncs_per_minute: int = 6
     max_address_syncs_per_minute: int = 60
     max_downloads_per_address: int = 4
-    max_request_age: float = 86400.0  # seconds an online request's creation time may be off our clock
+    max_request_age: float = 0.0  # seconds an online request's creation time may be off our clock; 0: any
     sync_timeout: float = 60.0  # seconds without a byte before an online transfer gives up
     relay_queue_quota: int = DEFAULT_RELAY_QUEUE_QUOTA  # a relay keeps at most this much of downstream requests
     tls_cert: str = ""  # PEM certificate (chain) the peer HTTP API serves https with; empty: plain http
@@ -255,7 +255,13 @@ def validate(data: dict[str, Any], path: str) -> Config:
 
     rates = {k: count(k, d) for k, d in (("max_syncs_per_minute", 6), ("max_address_syncs_per_minute", 60),
                                           ("max_downloads_per_address", 4))}
-    max_age = seconds(server, "server", "max_request_age_seconds", 86400.0, 60, 365 * 86400)
+    # 0 (the default): an online request is not refused for its time. Replays are
+    # caught by pack id (kept for ever), and a school server's clock is often
+    # wrong (no RTC battery): refusing it would cut it off from the sync that
+    # could tell it so. A relay also forwards requests it queued days ago.
+    max_age = seconds(server, "server", "max_request_age_seconds", 0.0, 0, 365 * 86400)
+    if 0 < max_age < 60:
+        raise err("server.max_request_age_seconds", "must be 0 (no limit) or at least 60 seconds")
     window = None
     if "window" in upstream:
         try:

@@ -241,9 +241,11 @@ class Daemon:
         upstream's Retry-After.
 
         The network coming up (peer/netwatch.py) wakes it at once, whatever the
-        interval (0 too), window or backoff: that is exactly when a school on a
-        flaky link should sync. A sync already running is not doubled: one that
-        ends well covers the event; one that failed is followed by ours."""
+        backoff or the time left of the interval: that is exactly when a school
+        on a flaky link should sync. It does not override what the admin set:
+        interval 0 means only when asked, and the window still holds (a metered
+        link may cost more by day). A sync already running is not doubled: one
+        that ends well covers the event; one that failed is followed by ours."""
         failures = 0
         delay = STARTUP_SYNC_DELAY
         not_before = 0.0  # monotonic: the upstream asked us to wait until then (429)
@@ -252,7 +254,7 @@ class Daemon:
             network = await self._sleep_or_network(delay) or owed
             owed = False
             cfg = self.cfg
-            if not cfg.upstream_url or (not network and not cfg.sync_interval):
+            if not cfg.upstream_url or not cfg.sync_interval:
                 delay = 60.0  # a reload may turn it on
                 continue
             wait = not_before - time.monotonic()
@@ -260,7 +262,7 @@ class Daemon:
                 owed, delay = network, wait
                 continue
             now = time.localtime()
-            if not network and not config_mod.in_window(cfg.sync_window, now.tm_hour * 60 + now.tm_min):
+            if not config_mod.in_window(cfg.sync_window, now.tm_hour * 60 + now.tm_min):
                 delay = 60.0 - now.tm_sec  # look again at the next minute
                 continue
             if network:
@@ -287,7 +289,7 @@ class Daemon:
 
     @staticmethod
     def _next_sync(cfg: Config) -> float:
-        # Interval 0: only when asked (or the network comes up); look again in a minute.
+        # Interval 0: only when asked; look again in a minute (a reload may change it).
         return cfg.sync_interval * random.uniform(0.9, 1.1) if cfg.sync_interval else 60.0
 
     async def _sleep_or_network(self, delay: float) -> bool:
@@ -301,7 +303,7 @@ class Daemon:
         return False
 
     def _network_came_up(self, why: str) -> None:
-        if self.cfg.upstream_url and not self._stop.is_set():
+        if self.cfg.upstream_url and self.cfg.sync_interval and not self._stop.is_set():
             log.info("the network came up (%s): syncing with %s now", why, self.cfg.upstream_url)
             self._network_up.set()
 

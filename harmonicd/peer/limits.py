@@ -12,8 +12,9 @@ can act on:
     403 misaddressed    the request is addressed to another server
     403 replayed        this request pack was answered before (a copy, sent again)
     403 stale           the request was made more than server.max_request_age_seconds
-                        before or after the server's clock (a replay of an old one,
-                        or a school whose clock is wrong); sticks are not held to this
+                        before or after the server's clock (only when that is set:
+                        the default 0 refuses no request for its time, as a school's
+                        clock is often wrong); sticks are not held to this
     403 refused         any other trust refusal (a release that must not be accepted)
     400 bad-request     not a pack, or a damaged one
     413 too-large       larger than server.max_request
@@ -30,9 +31,9 @@ it), and a count of downloads in flight per address.
 Replays: a school makes a fresh request pack (a new random pack id) for
 every sync, so a retry after a cut connection is a new request and is
 answered; the same pack id twice is a copy, refused by services/online.py
-(the master's database records every pack id it took). A request older than
-the age limit is refused before that, so the record of ids never has to be
-searched for anything older.
+(the master's database records every pack id it took, for ever, so a
+replay is caught whatever its age). Where server.max_request_age_seconds is
+set, a request older than that is refused before the store is asked.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Settings:
     syncs_per_minute: int = 6  # per school; 0: no limit
     address_syncs_per_minute: int = 60  # per remote address (many schools may share one NAT); 0: no limit
     downloads_per_address: int = 4  # pack downloads in flight per remote address; 0: no limit
-    max_request_age: float = 86400.0  # seconds a request's creation time may differ from our clock
+    max_request_age: float = 0.0  # seconds a request's creation time may differ from our clock; 0: any
 
 
 class Refused(HarmonicError):

@@ -105,7 +105,7 @@ def _take(store: Store, paths: list[str], progress: Callable[[int], None]) -> li
         for p in paths:
             if msg.startswith(p + ": "):
                 msg = msg[len(p) + 2:]
-        record_upstream(store, True, f"refused what the upstream sent: {msg}", "refused")
+        record_upstream(store, True, f"refused what the upstream sent: {msg}", "untrusted")
         for p in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)

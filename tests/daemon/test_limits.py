@@ -178,7 +178,7 @@ def _post(port: int, pack: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
 
 
 def test_replayed_and_stale_requests_are_refused(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
-    m, _key, s, port, src = _pair(tmp_path)
+    m, _key, s, port, src = _pair(tmp_path, max_request_age_seconds=86400)
     req = _stick_request(s, tmp_path)
     start_daemon(m)
     code, body, _ = _post(port, req)

@@ -263,7 +263,9 @@ def _refused(s: Server, sd: DaemonProc, says: str) -> None:
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1, err
     assert says in lines[0], err
-    assert says in (sd.status()["upstream"]["last_error"] or "")
+    up = sd.status()["upstream"]
+    assert says in (up["last_error"] or "")
+    assert up["reason"] == "untrusted", up
     assert "Traceback" not in sd.output()
 
 
