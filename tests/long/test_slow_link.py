@@ -216,6 +216,7 @@ def test_killed_school_finishes_its_download_without_starting_over(
     p = s.ctl("sync", "--wait", check=False)
     assert p.returncode == 0, p.stderr
     sent = slow_link.tx_bytes() - sent_before
+    print(f"the master sent {sent:,} B for an answer of {size:,} B ({sent / size:.3f}x)")
     assert sent < BOUND * size, (f"the master sent {sent:,} bytes for an answer of {size:,} "
                                  f"(killed at {had:.0%}): the download started over")
     assert _content_seq(d) == 1
@@ -254,6 +255,7 @@ def test_cut_link_is_explained_and_the_next_sync_continues(
     p = s.ctl("sync", "--wait", check=False)
     assert p.returncode == 0, p.stderr
     sent = slow_link.tx_bytes() - sent_before
+    print(f"the master sent {sent:,} B for an answer of {size:,} B ({sent / size:.3f}x)")
     assert sent < BOUND * size, (f"the master sent {sent:,} bytes for an answer of {size:,} "
                                  f"(cut at {had:.0%}): the download started over")
     up = d.status()["upstream"]
