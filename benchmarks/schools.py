@@ -265,7 +265,7 @@ class MasterWatch:
         self._thread.start()
 
     def _pids(self) -> list[int]:
-        pids, kids = [self.pid], {}
+        pids, kids = [self.pid], dict[int, list[int]]()
         for d in os.listdir("/proc"):
             if d.isdigit():
                 with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{d}/stat") as f:
@@ -361,18 +361,19 @@ def one_round(a: argparse.Namespace, base: str, m: h.Server, msock: str, notify:
             errors[str(r.get("error"))[:160]] = errors.get(str(r.get("error"))[:160], 0) + 1
     walls = [float(r["wall"]) for r in ok]
     firsts = [float(r["first_byte"]) for r in ok if r.get("first_byte") is not None]
-    out = {"round": name, "schools": len(results), "ok": len(ok), "errors": errors,
+    out: dict[str, Any] = {"round": name, "schools": len(results), "ok": len(ok), "errors": errors,
            "wall": stats(walls), "first_byte": stats(firsts),
            "over_default_timeout": sum(1 for x in firsts if x > DEFAULT_TIMEOUT),
            "late_start": max((float(r["start"]) for r in results if r.get("start") is not None), default=0.0),
            "master": {**mem, "cpu_s": cpu, "exit": exit_code, "answer_bytes": answers,
                       "written": wrote},
            "schools_cpu_s": schools_cpu, "span_s": max(walls, default=0.0),
+           "tracebacks": d.output().count("Traceback (most recent call last)"),
            "load": la, "summaries": sorted({str(r.get("summary", ""))[:200] for r in ok})[:5],
            "log_tail": d.output().splitlines()[-10:]}
-    w = out["wall"]
+    w, fb = stats(walls), stats(firsts)
     print(f"  {name}: {len(ok)}/{len(results)} ok; sync wall p50 {w['p50']:.2f} s, p99 {w['p99']:.2f} s, "
-          f"max {w['max']:.2f} s; first byte p50 {out['first_byte']['p50']:.2f} s; master VmHWM "
+          f"max {w['max']:.2f} s; first byte p50 {fb['p50']:.2f} s; master VmHWM "
           f"{R.mib(mem['vmhwm_max'])}, summed RSS peak {R.mib(mem['peak_rss_sum'])}, CPU {cpu:.1f} s (schools "
           f"{schools_cpu:.1f} s); "
           f"answers on disk {R.size(answers)}, master wrote {R.size(wrote)}", flush=True)
@@ -469,6 +470,8 @@ def report(rep: Report, raw: dict[str, Any]) -> None:
             Row("master CPU time / all schools' CPU time", f"{mm['cpu_s']:.1f} s / {r['schools_cpu_s']:.1f} s"),
             Row("master's answer files on disk after", R.size(mm["answer_bytes"])),
             Row("bytes the master wrote to disk (/proc/PID/io)", R.size(mm.get("written", 0))),
+            Row("tracebacks in the master's log", str(r.get("tracebacks", "?")), "", "", None, "0",
+                r.get("tracebacks") == 0),
         ]
         if trees is not None:
             rows.append(Row("deployed trees equal to the release", f"{trees['checked'] - trees['different']} of "

@@ -76,7 +76,7 @@ class SlowLink:
         used = _run("ip", "-4", "-o", "addr", "show").stdout
         rng = random.Random(os.getpid() * 1000 + SlowLink._made)
         for _ in range(100):
-            net = ipaddress.ip_network(f"10.{rng.randrange(64, 128)}.{rng.randrange(256)}.{rng.randrange(64) * 4}/30")
+            net = ipaddress.IPv4Network(f"10.{rng.randrange(64, 128)}.{rng.randrange(256)}.{rng.randrange(64) * 4}/30")
             if not any(f" {h}/" in used for h in net):
                 return net
         raise RuntimeError("no free /30 in 10.64.0.0/10")
