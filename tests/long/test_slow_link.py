@@ -244,6 +244,7 @@ def test_cut_link_is_explained_and_the_next_sync_continues(
     assert time.monotonic() - t_cut < HTTP_TIMEOUT * 4, "the cut was noticed only long after the timeout"
     up = d.status()["upstream"]
     assert up["reachable"] is False, up
+    assert up["reason"] == "cut", up
     why = up["last_error"] or ""
     assert "cut off at" in why, why
     assert "the next sync continues from there" in why, why
