@@ -183,13 +183,16 @@ def _write_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | N
 
 def _plan_tree(store: Store, root: ObjectId, dest: str, prev_root: ObjectId | None,
                prev_dir: str | None, jobs: list[tuple[Entry, str]], ref_ctime: int) -> None:
+    entries = store.tree(root)
     prev: dict[str, Entry] = {}
     if prev_root is not None and prev_dir is not None:
         try:
-            prev = {e.name: e for e in store.tree(prev_root)}
+            # An unchanged folder (most of them, release after release) is one
+            # tree read once, not twice.
+            prev = {e.name: e for e in (entries if prev_root == root else store.tree(prev_root))}
         except StoreError:
             prev = {}
-    for e in store.tree(root):
+    for e in entries:
         target = os.path.join(dest, e.name)
         old = prev.get(e.name)
         old_path = os.path.join(prev_dir, e.name) if old is not None and prev_dir else None
