@@ -45,7 +45,9 @@ class CuttingProxy:
     - ``("html",)``: the sync POST gets a 200 HTML page (a captive portal);
     - ``("500",)``: the sync POST gets an HTTP 500;
     - ``("longer",)``: a pack download claims and sends 100 bytes more than the pack;
-    - ``("drip",)``: a pack download comes at two bytes a second.
+    - ``("drip",)``: a pack download comes at two bytes a second;
+    - ``("404",)``: a pack download gets an HTTP 404 (a cache or proxy that lost it);
+    - ``("endless",)``: the sync POST gets a 200 JSON answer that never ends.
 
     It records every request head it forwards."""
 
@@ -99,9 +101,9 @@ class CuttingProxy:
         kind = f[0]
         is_pack = head.startswith((b"GET /v1/packs/", b"GET /v1/shared/"))
         is_sync = head.startswith(b"POST /v1/sync")
-        if kind in ("cut", "longer", "drip") and not is_pack:
+        if kind in ("cut", "longer", "drip", "404") and not is_pack:
             return None
-        if kind in ("html", "500") and not is_sync:
+        if kind in ("html", "500", "endless") and not is_sync:
             return None
         self.fault = None
         return f
@@ -112,9 +114,18 @@ class CuttingProxy:
         fault = self._take(head)
         if fault is not None and fault[0] == "hang":
             await asyncio.sleep(3600)
-        if fault is not None and fault[0] in ("html", "500"):
+        if fault is not None and fault[0] == "endless":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+                         b'{"packs": [')
+            with contextlib.suppress(ConnectionError):
+                while True:  # until the school hangs up
+                    writer.write(b'{"name": "x", "size": 1, "url": "/"}, ' * 1000)
+                    await writer.drain()
+            writer.close()
+            return
+        if fault is not None and fault[0] in ("html", "500", "404"):
             body = b"<html><body>Please log in to the hotspot</body></html>" if fault[0] == "html" else b"oops"
-            status = b"200 OK" if fault[0] == "html" else b"500 Internal Server Error"
+            status = {"html": b"200 OK", "500": b"500 Internal Server Error", "404": b"404 Not Found"}[str(fault[0])]
             ctype = b"text/html" if fault[0] == "html" else b"text/plain"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
                          + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
@@ -323,6 +334,8 @@ def test_rate_limit_caps_the_download(tmp_path: Path, online: Callable[..., tupl
     (("html",), "captive portal"),
     (("500",), "500"),
     (("longer",), "longer than announced"),
+    (("404",), "404"),
+    (("endless",), "larger than 1048576 bytes"),
 ])
 def test_link_faults_are_clear_and_the_next_sync_works(
         tmp_path: Path, start_daemon: Callable[..., DaemonProc], fault: tuple[object, ...], says: str) -> None:
