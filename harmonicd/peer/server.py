@@ -158,11 +158,20 @@ class PeerServer:
         if not SERVER_ID.match(school) or not PACK_NAME.match(name):
             return _error(404, "no such pack")
         path = os.path.join(self.state_dir, "outbox", school, name)
-        if not await asyncio.to_thread(os.path.isfile, path):
+        try:
+            f = await asyncio.to_thread(open, path, "rb")
+        except OSError:
             return _error(404, "no such pack (a newer sync replaced it?)")
-        # FileResponse answers Range requests: a cut download resumes where it stopped.
-        # Addressed to one school and replaced at its next sync: no cache may keep it.
-        return web.FileResponse(path, headers={"Cache-Control": PRIVATE})
+        # Range: a cut download resumes where it stopped. The name is the ETag (a
+        # random pack id: never two contents). Addressed to one school and replaced
+        # at its next sync: no cache may keep it. (Not aiohttp's FileResponse: the
+        # download limit sends the response inside its slot, and FileResponse then
+        # fails when aiohttp prepares it a second time.)
+        try:
+            size = os.fstat(f.fileno()).st_size
+            return await _ranged(request, size, name, PRIVATE, _file_chunks(f))
+        finally:
+            f.close()
 
     async def _shared(self, request: web.Request) -> web.StreamResponse:
         digest, name = request.match_info["digest"], request.match_info["name"]
@@ -306,10 +315,17 @@ async def _ranged(request: web.Request, size: int, digest: str, cache: str, chun
     resp.content_type = "application/octet-stream"
     resp.content_length = end - start
     await resp.prepare(request)
-    if request.method != "HEAD":
-        async for data in chunks(start, end):
-            await resp.write(data)
-    await resp.write_eof()
+    sent = 0
+    try:
+        if request.method != "HEAD":
+            async for data in chunks(start, end):
+                await resp.write(data)
+                sent += len(data)
+        await resp.write_eof()
+    except ConnectionError:
+        # The link dropped (or the school gave up on a drip): an everyday event,
+        # one line; the school continues from its last byte with Range.
+        log.info("%s: the client went away at byte %d of %d", request.path, start + sent, size)
     return resp
 
 

@@ -103,3 +103,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
     yield start
     for d in started:
         d.kill()
+    # A daemon logs a traceback only for a bug (every expected failure is one
+    # line): any test whose daemons logged one fails, whatever it checked.
+    bad = [d for d in started if "Traceback (most recent call last)" in d.output()]
+    assert not bad, "a daemon logged a traceback:\n" + "\n".join(f"{d.log}:\n{d.output()[-3000:]}" for d in bad)
