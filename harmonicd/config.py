@@ -88,6 +88,7 @@ class Config:
     max_address_syncs_per_minute: int = 60
     max_downloads_per_address: int = 4
     max_request_age: float = 0.0  # seconds an online request's creation time may be off our clock; 0: any
+    max_answer_wait: float = 30.0  # seconds of queued answers before a new sync is told "busy"; 0: never
     sync_timeout: float = 60.0  # seconds without a byte before an online transfer gives up
     relay_queue_quota: int = DEFAULT_RELAY_QUEUE_QUOTA  # a relay keeps at most this much of downstream requests
     tls_cert: str = ""  # PEM certificate (chain) the peer HTTP API serves https with; empty: plain http
@@ -173,7 +174,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
     server = table("server", {"id", "role", "state_dir", "socket", "listen", "socket_group", "admin_group",
                               "stop_grace_seconds", "max_request", "tls_cert", "tls_key", "max_syncs_per_minute",
                               "max_address_syncs_per_minute", "max_downloads_per_address",
-                              "max_request_age_seconds"})
+                              "max_request_age_seconds", "max_answer_wait_seconds"})
     sid_text = text(server, "server", "id")
     try:
         sid = check_server_id(sid_text)
@@ -262,6 +263,9 @@ def validate(data: dict[str, Any], path: str) -> Config:
     max_age = seconds(server, "server", "max_request_age_seconds", 0.0, 0, 365 * 86400)
     if 0 < max_age < 60:
         raise err("server.max_request_age_seconds", "must be 0 (no limit) or at least 60 seconds")
+    # Half the schools' default timeout: a sync queued behind more answers than
+    # that is told to come back later (503) rather than left to time out.
+    answer_wait = seconds(server, "server", "max_answer_wait_seconds", 30.0, 0, 3600)
     window = None
     if "window" in upstream:
         try:
@@ -321,7 +325,8 @@ def validate(data: dict[str, Any], path: str) -> Config:
         stop_grace_seconds=stop_grace, quiet_seconds=quiet, rescan_seconds=rescan, pending_quota=quota,
         listen=listen,
         upstream_url=url, sync_interval=interval, sync_window=window, rate_limit=rate, sync_timeout=sync_timeout,
-        max_request=max_request, relay_queue_quota=relay_quota, max_request_age=max_age, **rates,
+        max_request=max_request, relay_queue_quota=relay_quota, max_request_age=max_age,
+        max_answer_wait=answer_wait, **rates,
         master_key=master_key, sources=sources, volume_size=volume_size,
         tls_cert=tls_cert, tls_key=tls_key, ca_file=ca_file,
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,

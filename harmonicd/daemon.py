@@ -73,7 +73,7 @@ class Daemon:
             self.peer = PeerServer(cfg.id, cfg.role, cfg.state_dir, cfg.listen, self._answer, cfg.max_request,
                                    reader=self._read, tls=tls, rates=limits.Settings(
                                        cfg.max_syncs_per_minute, cfg.max_address_syncs_per_minute,
-                                       cfg.max_downloads_per_address, cfg.max_request_age))
+                                       cfg.max_downloads_per_address, cfg.max_request_age, cfg.max_answer_wait))
         self.watcher: FolderWatcher | None = None
         self._announcer: Any = None  # peer.mdns.Announcer while server.listen is announced on the LAN
         self._master_fp = ""

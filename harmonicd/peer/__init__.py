@@ -38,7 +38,7 @@ HEX64 = re.compile(r"[0-9a-f]{64}\Z")  # an object id, or the sha256 naming a sh
 # Why a sync with the upstream failed, as status's upstream.reason shows it
 # (docs/control-api.md): the one-line error says it in words, this for programs.
 REASONS = ("dns", "network", "refused", "timeout", "tls", "http", "portal", "refused-by-server", "rate-limited",
-           "cut", "untrusted")
+           "cut", "untrusted", "busy")
 
 
 class UpstreamError(HarmonicError):

@@ -181,7 +181,7 @@ def _json(resp: http.client.HTTPResponse, base: str, timeout: float = READ_TIMEO
 
 
 def retry_after(resp: http.client.HTTPResponse) -> float | None:
-    """429's Retry-After in seconds (the date form too), bounded to a day."""
+    """Retry-After (429, 503) in seconds (the date form too), bounded to a day."""
     value = (resp.getheader("Retry-After") or "").strip()
     if not value:
         return None
@@ -202,6 +202,10 @@ def refused(base: str, resp: http.client.HTTPResponse, data: dict[str, Any], wha
         wait = retry_after(resp)
         later = f"; next try in {wait:.0f} s or later" if wait is not None else ""
         return UpstreamError(f"{base}: {what} refused (429 rate-limited): {why}{later}", True, "rate-limited", wait)
+    if resp.status == 503 and resp.getheader("Retry-After"):
+        wait = retry_after(resp)
+        later = f"; next try in {wait:.0f} s or later" if wait is not None else ""
+        return UpstreamError(f"{base}: {what} refused (503 busy): {why}{later}", True, "busy", wait)
     if resp.status in (401, 403, 413):
         return UpstreamError(f"{base}: {what} refused ({resp.status}): {why}", True, "refused-by-server")
     return UpstreamError(f"{base}: {what} refused ({resp.status}): {why}", True, "http")

@@ -21,6 +21,9 @@ can act on:
     429 rate-limited    too many syncs per minute from this address or this school,
                         or too many downloads at once from this address
                         (with Retry-After: seconds)
+    503 busy            the answers already queued would keep this request waiting
+                        longer than server.max_answer_wait_seconds (with Retry-After,
+                        spread out so that a stampede of schools comes back in turn)
 
 Rates are kept in memory (a restart forgets them, which only ever lets more
 through): a sliding minute of sync attempts per remote address (every
@@ -40,9 +43,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -71,6 +75,7 @@ class Settings:
     address_syncs_per_minute: int = 60  # per remote address (many schools may share one NAT); 0: no limit
     downloads_per_address: int = 4  # pack downloads in flight per remote address; 0: no limit
     max_request_age: float = 0.0  # seconds a request's creation time may differ from our clock; 0: any
+    max_answer_wait: float = 30.0  # seconds of answers already queued before a new sync hears "busy"; 0: never
 
 
 class Refused(HarmonicError):
@@ -145,6 +150,12 @@ class Limits:
         self._by_address: dict[str, deque[float]] = {}
         self._by_school: dict[str, deque[float]] = {}
         self._downloads: dict[str, int] = {}
+        # Answers are one job at a time (the store's lock): how many wait, and
+        # how long one takes (a moving average of the job time alone, not of
+        # its wait in the queue).
+        self._answering = 0
+        self._answer_seconds = 1.0
+        self._last_done = 0.0
 
     def _window(self, table: dict[str, deque[float]], key: str, limit: int, who: str, setting: str,
                 count: bool) -> None:
@@ -179,6 +190,36 @@ class Limits:
         """A request whose signature verified: it counts against the school."""
         if self.settings.syncs_per_minute > 0:
             self._by_school.setdefault(school, deque()).append(self.clock())
+
+    def may_queue(self) -> None:
+        """Before a request's body is read: when the answers already queued would
+        keep this one waiting longer than server.max_answer_wait_seconds, say
+        busy (503) and when to come back, spread out, rather than let it wait
+        past the school's timeout (a stampede after an outage: every school at
+        once). The school waits out Retry-After as for a 429."""
+        budget = self.settings.max_answer_wait
+        ahead = self._answering * self._answer_seconds
+        if budget <= 0 or ahead <= budget:
+            return
+        wait = min(900.0, ahead * random.uniform(1.0, 2.0))
+        raise Refused(503, "busy", f"the server is busy: {self._answering} syncs ahead of this one (about "
+                      f"{ahead:.0f} s of work, server.max_answer_wait_seconds {budget:g}); "
+                      f"try again in {math.ceil(wait)} s", retry_after=wait)
+
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        """Around one request's wait for its answer job."""
+        self._answering += 1
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self._answering -= 1
+            done = self.clock()
+            # FIFO, one at a time: a job started when it arrived or when the one before it ended.
+            took = done - max(start, self._last_done)
+            self._last_done = done
+            self._answer_seconds = 0.8 * self._answer_seconds + 0.2 * max(took, 0.001)
 
     @contextlib.asynccontextmanager
     async def download(self, address: str) -> AsyncIterator[None]:

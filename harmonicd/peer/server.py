@@ -104,6 +104,11 @@ class PeerServer:
         length = request.content_length
         if length is not None and length > self.max_request:
             return _error(413, f"request pack larger than {self.max_request} bytes (server.max_request)")
+        try:
+            self.limits.may_queue()
+        except limits.Refused as exc:
+            log.info("online sync from %s: %s", request.remote, exc)
+            return exc.response()
         tmp_dir = os.path.join(self.state_dir, "tmp")
         os.makedirs(tmp_dir, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix="request-", suffix=".hpk", dir=tmp_dir)
@@ -127,7 +132,8 @@ class PeerServer:
                 log.warning("online sync refused from %s: %s", request.remote, exc)
                 return exc.response()
             try:
-                school, files = await self.answerer(path)
+                with self.limits.answering():
+                    school, files = await self.answerer(path)
             except (PackError, TrustError) as exc:
                 log.warning("online sync refused from %s: %s", request.remote, exc)
                 return limits.refusal(exc).response()

@@ -373,3 +373,71 @@ def test_limit_windows() -> None:
     now[0] += 61
     lim.sync_from("10.0.0.1")
     lim.school_may_sync("school-1")
+
+
+def test_answer_queue_estimate() -> None:
+    """Busy (503) once the queued answers would keep a new sync waiting longer than the
+    budget; the estimate is each job's own time, not its wait in the queue."""
+    now = [0.0]
+    lim = Limits(Settings(max_answer_wait=5.0), clock=lambda: now[0])
+    lim.may_queue()  # nothing queued
+    # Ten answers arrive at once and take 2 s each, one after another.
+    queued = [lim.answering() for _ in range(10)]
+    for q in queued:
+        q.__enter__()
+    with pytest.raises(Exception, match="busy: 10 syncs ahead") as err:
+        lim.may_queue()
+    assert getattr(err.value, "status", None) == 503
+    assert 10 <= (getattr(err.value, "retry_after", 0) or 0) <= 20, "spread over 1-2x the work ahead (1 s each)"
+    for q in queued:
+        now[0] += 2.0
+        q.__exit__(None, None, None)
+    lim.may_queue()  # all answered
+    # The estimate learned 2 s per job (not the 2-20 s each waited in the queue).
+    assert 1.5 < lim._answer_seconds < 2.1
+    two = [lim.answering(), lim.answering()]
+    for q in two:
+        q.__enter__()
+    lim.may_queue()  # 2 x 2 s <= 5 s: still fine
+    third = lim.answering()
+    third.__enter__()
+    with pytest.raises(Exception, match="busy: 3 syncs ahead"):
+        lim.may_queue()
+    assert Limits(Settings(max_answer_wait=0)).may_queue() is None  # 0: never busy
+
+
+def test_busy_master_says_when_to_come_back(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    """While the master answers a big request, a sync that would wait longer than
+    server.max_answer_wait_seconds gets 503 busy with Retry-After; the school's
+    status says busy; once the queue is gone the next sync works."""
+    m, key, s, port, src = _pair(tmp_path, max_answer_wait_seconds=0.001, max_syncs_per_minute=0)
+    big = make_school(tmp_path, m, key, "school-2", "--upstream", f"http://127.0.0.1:{port}")
+    write_tree(big.source("backup"), {f"work-{i}.bin": os.urandom(16 << 20) for i in range(12)})
+    slow = _stick_request(big, tmp_path)  # 192 MiB of backups: seconds to take in
+    md = start_daemon(m)
+    d = start_daemon(s)
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(big=_post(port, slow)))
+    t.start()
+    try:
+        wait_for(lambda: (md.status().get("activity") or {}).get("kind") == "serve", 60, every=0.02,
+                 what="the master answering school-2")
+        code, body, headers = _post(port, _stick_request(s, tmp_path))
+        assert (code, body["reason"]) == (503, "busy"), body
+        assert "busy: 1 syncs ahead" in body["error"]
+        assert 1 <= int(headers["Retry-After"]) <= 900
+        busy = (md.status().get("activity") or {}).get("kind") == "serve"
+        rc, out = _sync(s)
+        if busy and (md.status().get("activity") or {}).get("kind") == "serve":
+            # Still answering school-2 after the school's whole sync: it must have heard "busy".
+            print("the school's own sync met the busy master")
+            assert rc == 1, out
+            assert "503 busy" in out, out
+            up = d.status()["upstream"]
+            assert up["reason"] == "busy", up
+    finally:
+        t.join(120)
+    assert result["big"][0] == 200, result
+    rc, out = _sync(s)
+    assert rc == 0, out
+    assert tree_digest(s.deploy / "content") == tree_digest(src)
