@@ -22,8 +22,8 @@ can act on:
                         or too many downloads at once from this address
                         (with Retry-After: seconds)
     503 busy            the answers already queued would keep this request waiting
-                        longer than server.max_answer_wait_seconds (with Retry-After,
-                        spread out so that a stampede of schools comes back in turn)
+                        longer than server.max_answer_wait_seconds (with Retry-After:
+                        about when the queue has drained, spread over 0.5-1.5x of that)
 
 Rates are kept in memory (a restart forgets them, which only ever lets more
 through): a sliding minute of sync attempts per remote address (every
@@ -153,8 +153,11 @@ class Limits:
         # Answers are one job at a time (the store's lock): how many wait, and
         # how long one takes (a moving average of the job time alone, not of
         # its wait in the queue).
+        # The first guess is low on purpose: a cold start accepts the stampede
+        # rather than send schools away on a guess (a no-op answer takes
+        # milliseconds); the estimate follows the real answers within a few.
         self._answering = 0
-        self._answer_seconds = 1.0
+        self._answer_seconds = 0.1
         self._last_done = 0.0
 
     def _window(self, table: dict[str, deque[float]], key: str, limit: int, who: str, setting: str,
@@ -201,7 +204,9 @@ class Limits:
         ahead = self._answering * self._answer_seconds
         if budget <= 0 or ahead <= budget:
             return
-        wait = min(900.0, ahead * random.uniform(1.0, 2.0))
+        # Back about when the queue has drained, spread over 0.5-1.5x of it so
+        # that those sent away do not all return at one moment.
+        wait = min(900.0, max(2.0, ahead * random.uniform(0.5, 1.5)))
         raise Refused(503, "busy", f"the server is busy: {self._answering} syncs ahead of this one (about "
                       f"{ahead:.0f} s of work, server.max_answer_wait_seconds {budget:g}); "
                       f"try again in {math.ceil(wait)} s", retry_after=wait)
@@ -219,7 +224,7 @@ class Limits:
             # FIFO, one at a time: a job started when it arrived or when the one before it ended.
             took = done - max(start, self._last_done)
             self._last_done = done
-            self._answer_seconds = 0.8 * self._answer_seconds + 0.2 * max(took, 0.001)
+            self._answer_seconds = 0.7 * self._answer_seconds + 0.3 * max(took, 0.001)
 
     @contextlib.asynccontextmanager
     async def download(self, address: str) -> AsyncIterator[None]:

@@ -381,28 +381,28 @@ def test_answer_queue_estimate() -> None:
     now = [0.0]
     lim = Limits(Settings(max_answer_wait=5.0), clock=lambda: now[0])
     lim.may_queue()  # nothing queued
-    # Ten answers arrive at once and take 2 s each, one after another.
+    # A cold start takes a stampede: the first guess (0.1 s an answer) is low on purpose.
     queued = [lim.answering() for _ in range(10)]
     for q in queued:
         q.__enter__()
-    with pytest.raises(Exception, match="busy: 10 syncs ahead") as err:
-        lim.may_queue()
-    assert getattr(err.value, "status", None) == 503
-    assert 10 <= (getattr(err.value, "retry_after", 0) or 0) <= 20, "spread over 1-2x the work ahead (1 s each)"
+    lim.may_queue()
+    # The ten take 2 s each, one after another.
     for q in queued:
         now[0] += 2.0
         q.__exit__(None, None, None)
     lim.may_queue()  # all answered
     # The estimate learned 2 s per job (not the 2-20 s each waited in the queue).
-    assert 1.5 < lim._answer_seconds < 2.1
+    assert 1.9 < lim._answer_seconds < 2.01
     two = [lim.answering(), lim.answering()]
     for q in two:
         q.__enter__()
     lim.may_queue()  # 2 x 2 s <= 5 s: still fine
     third = lim.answering()
     third.__enter__()
-    with pytest.raises(Exception, match="busy: 3 syncs ahead"):
+    with pytest.raises(Exception, match="busy: 3 syncs ahead") as err:
         lim.may_queue()
+    assert getattr(err.value, "status", None) == 503
+    assert 2.8 <= (getattr(err.value, "retry_after", 0) or 0) <= 9.1, "0.5-1.5x the ~6 s of work ahead"
     assert Limits(Settings(max_answer_wait=0)).may_queue() is None  # 0: never busy
 
 
