@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -463,20 +464,24 @@ def render_md(data: dict[str, Any]) -> str:
     return "\n".join(md)
 
 
-def write_results(out: str, rep: Report, elapsed: float, hide: dict[str, str]) -> None:
-    """The results as JSON and markdown; the folders in `hide` (this machine's paths, in the
-    daemon's log lines and answers) are written as their placeholders."""
+def write_results(out: str, rep: Report, elapsed: float, hide: dict[str, str],
+                  script: str = "daemon.py", argv: list[str] | None = None,
+                  render: Callable[[dict[str, Any]], str] | None = None,
+                  extra: dict[str, Any] | None = None) -> None:
+    """The results of benchmarks/<script> as JSON and markdown (render: the script's
+    own, this one's by default); the folders in `hide` (this machine's paths, in the
+    daemons' log lines and answers) are written as their placeholders."""
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    data = {"command": "python benchmarks/daemon.py " + " ".join(sys.argv[1:]), "machine": R.machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "elapsed_s": elapsed,
-            "tables": [asdict(t) for t in rep.tables], "raw": rep.raw}
+    data = {"command": f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": R.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "elapsed_s": elapsed, "tables": [asdict(t) for t in rep.tables], "raw": rep.raw, **(extra or {})}
     text = json.dumps(data, indent=1, default=str)
     for path, name in sorted(hide.items(), key=lambda kv: -len(kv[0])):
         text = text.replace(path, name)
     with open(out + ".json", "w") as f:
         f.write(text + "\n")
     with open(out + ".md", "w") as f:
-        f.write(render_md(json.loads(text)))
+        f.write((render or render_md)(json.loads(text)))
     print(R.render_table(R.summary(rep.tables), ascii_=True))
     print(f"\nresults written to {out}.md and {out}.json ({elapsed / 60:.1f} min)")
 

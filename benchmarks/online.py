@@ -447,19 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.only in (None, "change"):
             bench_change(a, rep)
     elapsed = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    data = {"command": "python benchmarks/online.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": R.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "elapsed_s": elapsed, "tables": [asdict(t) for t in rep.tables], "raw": rep.raw}
-    text = json.dumps(data, indent=1, default=str)
-    for path, name in sorted({a.state: "$STATE", a.work: "$WORK", h.REPO: "$REPO"}.items(), key=lambda kv: -len(kv[0])):
-        text = text.replace(path, name)
-    with open(a.out + ".json", "w") as f:
-        f.write(text + "\n")
-    with open(a.out + ".md", "w") as f:
-        f.write(render_md(json.loads(text)))
-    print(R.render_table(R.summary(rep.tables), ascii_=True))
-    print(f"\nresults written to {a.out}.md and {a.out}.json ({elapsed / 60:.1f} min)")
+    D.write_results(a.out, rep, elapsed, {a.state: "$STATE", a.work: "$WORK", h.REPO: "$REPO"},
+                    "online.py", argv, render_md)
     return 0
 
 

@@ -70,7 +70,6 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -603,24 +602,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server state on: {rep.raw['state_fs']}", flush=True)
         bench(a, rep)
     elapsed = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    data: dict[str, Any] = {
-        "command": "python benchmarks/schools.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": R.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "elapsed_s": elapsed, "tables": [asdict(t) for t in rep.tables], "raw": rep.raw}
+    extra: dict[str, Any] = {}
     if a.before:
         with open(a.before) as f:
             before = json.load(f)
-        data["before"] = {k: before[k] for k in ("command", "machine", "date", "elapsed_s", "tables")}
-    text = json.dumps(data, indent=1, default=str)
-    for path, name in sorted({a.state: "$STATE", a.work: "$WORK", h.REPO: "$REPO"}.items(), key=lambda kv: -len(kv[0])):
-        text = text.replace(path, name)
-    with open(a.out + ".json", "w") as f:
-        f.write(text + "\n")
-    with open(a.out + ".md", "w") as f:
-        f.write(render_md(json.loads(text)))
-    print(R.render_table(R.summary(rep.tables), ascii_=True))
-    print(f"\nresults written to {a.out}.md and {a.out}.json ({elapsed / 60:.1f} min)")
+        extra["before"] = {k: before[k] for k in ("command", "machine", "date", "elapsed_s", "tables")}
+    D.write_results(a.out, rep, elapsed, {a.state: "$STATE", a.work: "$WORK", h.REPO: "$REPO"},
+                    "schools.py", argv, render_md, extra)
     return 0
 
 

@@ -11,7 +11,6 @@ import contextlib
 import email.utils
 import errno
 import functools
-import hashlib
 import http.client
 import json
 import logging
@@ -27,6 +26,7 @@ from harmonicd.core.objects import KIND_NAMES, MAX_OBJECT, object_id
 from harmonicd.core.release import SignedRelease, decode
 from harmonicd.errors import HarmonicError
 from harmonicd.peer import API, CHUNK, HEX64, PACK_NAME, UpstreamError
+from harmonicd.services.shared import file_digest
 
 log = logging.getLogger("harmonicd")
 
@@ -161,6 +161,17 @@ def _read_body(resp: http.client.HTTPResponse, base: str, limit: int, timeout: f
             raise UpstreamError(f"{base}: the answer took longer than {timeout:g} s", False, "timeout")
 
 
+def _ask(base: str, method: str, path: str, timeout: float = READ_TIMEOUT, tls: ssl.SSLContext | None = None,
+         body: Any = None, headers: dict[str, str] | None = None,
+         ) -> tuple[http.client.HTTPResponse, dict[str, Any]]:
+    """One request whose answer is a small JSON object, read whole; the connection closed."""
+    conn, resp = _request(base, method, path, body=body, headers=headers, timeout=timeout, tls=tls)
+    try:
+        return resp, _json(resp, base, timeout)
+    finally:
+        conn.close()
+
+
 def _json(resp: http.client.HTTPResponse, base: str, timeout: float = READ_TIMEOUT) -> dict[str, Any]:
     raw = _read_body(resp, base, 1 << 20, timeout)
     ctype = resp.getheader("Content-Type", "")
@@ -217,13 +228,8 @@ def post_request(base: str, path: str, rate: int = 0, timeout: float = READ_TIME
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         body = _ThrottledFile(f, Throttle(rate)) if rate else f
-        conn, resp = _request(base, "POST", f"{API}/sync", body=body,
-                              headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                              timeout=timeout, tls=tls)
-    try:
-        data = _json(resp, base, timeout)
-    finally:
-        conn.close()
+        resp, data = _ask(base, "POST", f"{API}/sync", timeout, tls, body,
+                          {"Content-Type": "application/octet-stream", "Content-Length": str(size)})
     if resp.status != 200:
         raise refused(base, resp, data, "sync")
     packs = data.get("packs")
@@ -290,7 +296,7 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
             raise UpstreamError(f"{base}: {pack['name']} cut off at {have} of {want} bytes; "
                                 "the next sync continues from there", False)
     digest = pack.get("sha256")
-    if isinstance(digest, str) and _sha256(part) != digest:
+    if isinstance(digest, str) and file_digest(part) != digest:
         for p in (part, final + ".json"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
@@ -299,14 +305,6 @@ def download(base: str, pack: dict[str, Any], folder: str, progress: Callable[[i
     os.replace(part, final)
     os.unlink(final + ".json")
     return final
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_pace(base: str, name: str, got: int, started: float, timeout: float, have: int, want: int) -> None:
@@ -359,11 +357,7 @@ def resume_pending(base: str, folder: str, progress: Callable[[int], None] | Non
 
 
 def health(base: str, tls: ssl.SSLContext | None = None) -> dict[str, Any]:
-    conn, resp = _request(base, "GET", f"{API}/health", tls=tls)
-    try:
-        return _json(resp, base)
-    finally:
-        conn.close()
+    return _ask(base, "GET", f"{API}/health", tls=tls)[1]
 
 
 def fetch_object(base: str, oid: bytes, timeout: float = READ_TIMEOUT,
@@ -388,12 +382,7 @@ def fetch_release(base: str, collection: str, master_key: bytes, timeout: float 
     """The latest release of a collection for everyone (GET /v1/releases/<name>),
     its signature checked against the master's key: a relay or cache cannot forge
     one (it can only serve an older one, which the caller compares by seq)."""
-    conn, resp = _request(base, "GET", f"{API}/releases/{urllib.parse.quote(collection, safe='')}",
-                          timeout=timeout, tls=tls)
-    try:
-        data = _json(resp, base, timeout)
-    finally:
-        conn.close()
+    resp, data = _ask(base, "GET", f"{API}/releases/{urllib.parse.quote(collection, safe='')}", timeout, tls)
     if resp.status != 200:
         raise UpstreamError(f"{base}: release of {collection}: {resp.status} {data.get('error', resp.reason)}",
                             True, "http")

@@ -163,36 +163,17 @@ class PeerServer:
         school, name = request.match_info["school"], request.match_info["name"]
         if not SERVER_ID.match(school) or not PACK_NAME.match(name):
             return _error(404, "no such pack")
-        path = os.path.join(self.state_dir, "outbox", school, name)
-        try:
-            f = await asyncio.to_thread(open, path, "rb")
-        except OSError:
-            return _error(404, "no such pack (a newer sync replaced it?)")
-        # Range: a cut download resumes where it stopped. The name is the ETag (a
-        # random pack id: never two contents). Addressed to one school and replaced
-        # at its next sync: no cache may keep it. (Not aiohttp's FileResponse: the
-        # download limit sends the response inside its slot, and FileResponse then
-        # fails when aiohttp prepares it a second time.)
-        try:
-            size = os.fstat(f.fileno()).st_size
-            return await _ranged(request, size, name, PRIVATE, _file_chunks(f))
-        finally:
-            f.close()
+        # The name is the ETag (a random pack id: never two contents). Addressed to
+        # one school and replaced at its next sync: no cache may keep it.
+        return await _serve_file(request, os.path.join(self.state_dir, "outbox", school, name), name, PRIVATE,
+                                 "no such pack (a newer sync replaced it?)")
 
     async def _shared(self, request: web.Request) -> web.StreamResponse:
         digest, name = request.match_info["digest"], request.match_info["name"]
         if not HEX64.match(digest) or not PACK_NAME.match(name):
             return _error(404, "no such pack")
-        path = os.path.join(self.state_dir, SHARED, digest, name)
-        try:
-            f = await asyncio.to_thread(open, path, "rb")
-        except OSError:
-            return _error(404, "no such pack (the release is no longer the latest?)")
-        try:
-            size = os.fstat(f.fileno()).st_size
-            return await _ranged(request, size, digest, IMMUTABLE, _file_chunks(f))
-        finally:
-            f.close()
+        return await _serve_file(request, os.path.join(self.state_dir, SHARED, digest, name), digest, IMMUTABLE,
+                                 "no such pack (the release is no longer the latest?)")
 
     async def _object(self, request: web.Request) -> web.StreamResponse:
         oid = request.match_info["oid"].lower()
@@ -276,6 +257,20 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 
 Chunks = Callable[[int, int], Any]  # (start, end) -> async iterator of bytes
+
+
+async def _serve_file(request: web.Request, path: str, etag: str, cache: str, missing: str) -> web.StreamResponse:
+    """A pack file with Range (a cut download resumes where it stopped). Not aiohttp's
+    FileResponse: the download limit sends the response inside its slot, and
+    FileResponse then fails when aiohttp prepares it a second time."""
+    try:
+        f = await asyncio.to_thread(open, path, "rb")
+    except OSError:
+        return _error(404, missing)
+    try:
+        return await _ranged(request, os.fstat(f.fileno()).st_size, etag, cache, _file_chunks(f))
+    finally:
+        f.close()
 
 
 def _file_chunks(f: Any) -> Chunks:

@@ -62,11 +62,9 @@ def shared_dir(store: Store) -> str:
 
 
 def file_digest(path: str) -> str:
-    h = hashlib.sha256()
+    """The SHA-256 a shared pack's URL names (what an HTTP cache can be checked against)."""
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _pending_keys(have: bytes | None) -> set[str]:
