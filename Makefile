@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Debian packages the tests use (loop-mounted ext4 images, power-cut copies, network namespaces, nginx as an HTTP cache).
-TEST_DEBS  := e2fsprogs util-linux mount systemd iproute2 nginx
+# Debian packages the tests use (loop-mounted ext4 and exFAT-through-FUSE stick images, power-cut copies, network namespaces, nginx as an HTTP cache).
+TEST_DEBS  := e2fsprogs util-linux mount systemd iproute2 nginx exfat-fuse exfatprogs
 # The tools the benchmarks compare against.
 BENCH_DEBS := rsync zstd
 

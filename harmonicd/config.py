@@ -31,6 +31,12 @@ DEFAULT_PENDING_QUOTA = 4 << 30  # unacknowledged upward data kept at most
 DEFAULT_STOP_GRACE = 20.0  # seconds a stopping daemon waits for its current job
 DEFAULT_SYNC_INTERVAL = 3600.0  # seconds between a school's online syncs
 DEFAULT_RELAY_QUEUE_QUOTA = 8 << 30  # downstream requests a relay keeps for the master, at most (bytes)
+DEFAULT_MOUNT_BASE = "/media/harmonicd"  # where harmonicd-mount mounts sticks (systemd/harmonicd.tmpfiles.conf)
+DEFAULT_MEDIA_WATCH = ("/media", "/run/media")  # where desktops mount sticks
+DEFAULT_FREE_MARGIN = 16 << 20  # bytes left free on a stick
+# Block devices that may be taken as sticks: USB mass storage, SD cards, and loop
+# devices (tests and disk images; never a default).
+MEDIA_KINDS = ("usb", "mmc", "loop")
 AUTO_UPSTREAM = "auto"  # upstream.url: find a server on the LAN by mDNS
 _WINDOW = re.compile(r"(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})\Z")
 
@@ -72,6 +78,14 @@ class Config:
     volume_size: int = DEFAULT_VOLUME_SIZE
     archive_keep_days: int = 0  # 0: keep forever
     media_devices: tuple[str, ...] = ("usb",)
+    # Where the mount helper (harmonicd-mount, a separate privileged unit) mounts sticks
+    # for us, and where the daemon leaves its "done, unmount it" requests.
+    media_mount_base: str = DEFAULT_MOUNT_BASE
+    # Also taken: sticks a desktop mounted under these folders (the daemon cannot unmount those).
+    media_watch: tuple[str, ...] = DEFAULT_MEDIA_WATCH
+    media_adopt_blank: bool = False  # write to a stick with no HARMONIC/ folder (not prepared) too
+    media_free_margin: int = DEFAULT_FREE_MARGIN  # bytes left free on a stick, whatever fits
+    media_read_back: bool = True  # read back what was written, past the page cache, before "safe to remove"
     deploy_dir: str = ""
     socket_group: str = "harmonicd"  # may read status and events
     admin_group: str = "harmonicd-admin"  # may also change things (sync, publish, verify, gc)
@@ -228,10 +242,29 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
         raise err("archive.keep_days", "must be a whole number of days (0 = keep forever)")
 
-    media = table("media", {"devices"})
+    media = table("media", {"devices", "mount_base", "watch", "adopt_blank", "free_margin", "read_back"})
     devices = media.get("devices", ["usb"])
     if not (isinstance(devices, list) and all(isinstance(d, str) for d in devices)):
         raise err("media.devices", "must be a list of strings, e.g. [\"usb\"]")
+    for d in devices:
+        if d not in MEDIA_KINDS:
+            raise err("media.devices", f"unknown kind {d!r} (known: {', '.join(MEDIA_KINDS)})")
+    mount_base = text(media, "media", "mount_base", DEFAULT_MOUNT_BASE)
+    if not os.path.isabs(mount_base):
+        raise err("media.mount_base", "must be an absolute path")
+    watch = media.get("watch", list(DEFAULT_MEDIA_WATCH))
+    if not (isinstance(watch, list) and all(isinstance(d, str) and os.path.isabs(d) for d in watch)):
+        raise err("media.watch", "must be a list of absolute paths, e.g. [\"/media\", \"/run/media\"]")
+    flags = {}
+    for k, default in (("adopt_blank", False), ("read_back", True)):
+        v = media.get(k, default)
+        if not isinstance(v, bool):
+            raise err(f"media.{k}", "must be true or false")
+        flags[k] = v
+    try:
+        margin = parse_size(media.get("free_margin", DEFAULT_FREE_MARGIN))
+    except ValueError as exc:
+        raise err("media.free_margin", str(exc)) from None
 
     deploy = table("deploy", {"dir"})
     deploy_dir = text(deploy, "deploy", "dir", os.path.join(state_dir, "deploy"))
@@ -330,6 +363,8 @@ def validate(data: dict[str, Any], path: str) -> Config:
         master_key=master_key, sources=sources, volume_size=volume_size,
         tls_cert=tls_cert, tls_key=tls_key, ca_file=ca_file,
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
+        media_mount_base=mount_base, media_watch=tuple(watch), media_adopt_blank=flags["adopt_blank"],
+        media_free_margin=margin, media_read_back=flags["read_back"],
     )
 
 
@@ -412,6 +447,9 @@ def render(cfg: Config) -> str:
         "",
         "[media]",
         f"devices = [{', '.join(_q(d) for d in cfg.media_devices)}]   # block devices taken as sync sticks",
+        f"mount_base = {_q(cfg.media_mount_base)}   # where harmonicd-mount mounts them for the daemon",
+        f"adopt_blank = {'true' if cfg.media_adopt_blank else 'false'}   # also write to sticks not prepared "
+        "(`harmonicctl stick prepare`)",
         "",
         "[deploy]",
         f"dir = {_q(cfg.deploy_dir or os.path.join(cfg.state_dir, 'deploy'))}   # where replicas are deployed",
