@@ -165,3 +165,9 @@ def _supersede_down(folder: str, keep: list[str]) -> None:
         if n.endswith(".hpk") and n not in names:
             os.unlink(os.path.join(folder, n))
     durable.fsync_dir(folder)
+
+
+def forward_now(store: Store, progress: Callable[[int], None] | None = None) -> str | None:
+    """One online sync now (as sync_online): None when it worked, else the
+    one-line reason. (Stub: the real one follows.)"""
+    return "not built yet"

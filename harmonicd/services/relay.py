@@ -229,3 +229,10 @@ def _serve_down(store: Store, school: str, dest: str) -> list[str]:
             os.link(p, link)
         out.append(link)
     return out
+
+
+def for_stick(store: Store, box: str, budget: int | None, progress: Callable[[int], None] | None,
+              forward: Callable[[], str | None] | None) -> tuple[list[ExportResult], list[str]]:
+    """Relay on a stick: other schools' requests in box/to-master, forwarded and
+    answered. (Stub: the real one follows.)"""
+    return [], []
