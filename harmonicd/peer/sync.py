@@ -9,7 +9,9 @@ queued request goes to the master as it came (signed by its school), and the
 master's answer packs for that school (the per-school ones: the shared ones
 the relay serves from its own replica) come back into ``relay/down/<school>/``
 for the school's next sync. A relay that cannot reach the master keeps the
-queue and goes on serving from its replica.
+queue and goes on serving from its replica. Any online school that took
+other schools' requests off a stick (services/relay.py, for_stick) forwards
+them the same way, at once (forward_now) and at its next sync.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from harmonicd.config import AUTO_UPSTREAM
-from harmonicd.errors import PackError, TrustError
+from harmonicd.errors import HarmonicError, PackError, TrustError
 from harmonicd.jobs import Outcome
 from harmonicd.peer import UpstreamError, client
 from harmonicd.services import relay
@@ -85,7 +87,9 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
     data: dict[str, Any] = {"received": received, "acked": acked,
                             "published": [f"{n} release {s}" for n, s in req.published]}
     what = "; ".join(received + acked) or "nothing new"
-    if store.cfg.listen:
+    # A relay forwards its downstream schools' requests; so does any online
+    # school that took other schools' requests off a stick (relay.for_stick).
+    if store.cfg.listen or relay.queued(store):
         fw = forward(store, url, progress)
         data["forwarded"] = fw
         if fw:
@@ -130,6 +134,8 @@ def forward(store: Store, url: str, progress: Callable[[int], None]) -> list[str
         except UpstreamError as exc:
             if exc.reachable and exc.reason == "refused-by-server":
                 log.warning("the master refused %s's request that this relay forwarded: %s", school, exc)
+                with store.db.tx():  # for the receipt of the stick that carried it (relay.for_stick)
+                    store.db.set_meta(relay.REFUSED_META + school, str(exc))
                 _drop(files)
                 continue
             record_upstream(store, exc.reachable, f"forwarding {school}'s request: {exc}", exc.reason)
@@ -138,6 +144,9 @@ def forward(store: Store, url: str, progress: Callable[[int], None]) -> list[str
         # its .json sidecar lets the next forward finish it; the school's data
         # stays with the school until the master's acknowledgement reaches it.
         _drop(files)
+        if store.db.get_meta(relay.REFUSED_META + school):
+            with store.db.tx():
+                store.db.set_meta(relay.REFUSED_META + school, "")
         mine = [p for p in packs if not p.get("shared")]
         try:
             got = [client.download(url, p, down, progress, rate, wait, tls) for p in mine]
@@ -168,6 +177,15 @@ def _supersede_down(folder: str, keep: list[str]) -> None:
 
 
 def forward_now(store: Store, progress: Callable[[int], None] | None = None) -> str | None:
-    """One online sync now (as sync_online): None when it worked, else the
-    one-line reason. (Stub: the real one follows.)"""
-    return "not built yet"
+    """One online sync now, as sync_online (the queue of other schools'
+    requests forwarded with it): None when it worked, else the one-line reason
+    (also in status, as for any sync). For a stick's visit, which goes on
+    without the master: what is queued stays queued."""
+    if not store.cfg.upstream_url:
+        return "no upstream.url is set"
+    try:
+        out = sync_online(store, progress or (lambda _n: None))
+    except HarmonicError as exc:
+        return str(exc)
+    log.info("%s", out.summary)
+    return None

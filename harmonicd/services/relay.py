@@ -26,34 +26,57 @@ relay as to the master):
 
 Files served: ``outbox/<school>/``, like the master's, so the HTTP shell
 serves both alike (the master's packs are hard links of ``relay/down``).
+
+On a stick (``for_stick``): any online school server, with or without
+``server.listen``, does the same for the requests other schools left in the
+stick's ``HARMONIC/to-master/``, forwarding them at once, and writes the
+answers into ``HARMONIC/to-<school>/`` instead of an outbox.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harmonicd.core.ident import check_server_id
 from harmonicd.core.pack import Header, PackReader
-from harmonicd.errors import CorruptPack, HarmonicError, Misaddressed, UntrustedPack
+from harmonicd.core.release import decode
+from harmonicd.errors import (
+    CorruptPack,
+    DiskFullError,
+    HarmonicError,
+    Misaddressed,
+    PackError,
+    TrustError,
+    UntrustedPack,
+)
 from harmonicd.services.exchange import (
     _PACK_NAME,
     SUFFIX,
+    TO_MASTER,
     ExportResult,
     Outgoing,
     _pack_name,
     _parse_have,
+    _real_dir,
+    _remove_imported,
     _supersede,
+    _unlink,
     lacking,
     list_packs,
     open_pack,
+    to_folder,
     write_packs,
 )
 from harmonicd.services.online import outbox
 from harmonicd.store import durable
 from harmonicd.store.store import Store
+
+log = logging.getLogger("harmonicd")
 
 RELAY = "relay"
 UP = "up"  # relay/up/<school>/: the latest request of each downstream school, for the master
@@ -231,8 +254,236 @@ def _serve_down(store: Store, school: str, dest: str) -> list[str]:
     return out
 
 
+
+# --------------------------------------------------------------------------- relaying for a stick
+#
+# An online school server (upstream.url set) that finds on a stick other
+# schools' requests (HARMONIC/to-master/, left there by offline schools on
+# the stick's route) does for them what it does for a downstream's online
+# sync: checks and queues each request, forwards the queue with one online
+# sync at once, and writes into HARMONIC/to-<school>/ the master's answer
+# packs that came back and its own answer from its replica. Trust is as for
+# an online downstream: the school takes releases only as the master signed
+# them and acknowledgements only from the master's own packs.
+
+REFUSED_META = "relay.refused."  # + school: why the master refused its last forwarded request
+
+
+@dataclass
+class _StickRequest:
+    school: str
+    files: list[str]  # on the stick: every checked request volume of that school
+    newest: Header  # the newest request's header: the relay answers from its have-state
+    queued: list[str] = field(default_factory=list)  # the copies in relay/up that for_stick put there
+
+
 def for_stick(store: Store, box: str, budget: int | None, progress: Callable[[int], None] | None,
               forward: Callable[[], str | None] | None) -> tuple[list[ExportResult], list[str]]:
-    """Relay on a stick: other schools' requests in box/to-master, forwarded and
-    answered. (Stub: the real one follows.)"""
-    return [], []
+    """Relay for the other schools whose requests are on the stick (box is its
+    HARMONIC/ folder). Returns what was written for each school and one line
+    for each request refused (naming the file and why).
+
+    ``budget``: bytes this may write on the stick (None: no limit), shared
+    between the schools; the master's packs go first (they carry the
+    acknowledgements), then the relay's own. ``forward``: one online sync now
+    (peer.sync.forward_now), called once if a request was queued; None or a
+    failed sync leaves the requests queued here and on the stick."""
+    cfg = store.cfg
+    inbox = os.path.join(box, TO_MASTER)
+    packs, refused = list_packs(inbox)
+    scratch = os.path.join(store.dir, "tmp", f"stick-relay-{os.getpid()}-{os.urandom(4).hex()}")
+    requests: dict[str, _StickRequest] = {}
+    try:
+        for p in packs:
+            m = _PACK_NAME.match(os.path.basename(p))
+            if m and m.group("sender") == cfg.id:
+                continue  # this server's own request, for the master's next visit
+            try:
+                h, copy, full = _take_request(store, p, scratch, progress)
+            except Misaddressed:
+                continue  # for another master: another deployment's stick, left alone
+            except (PackError, TrustError) as exc:
+                if os.path.lexists(p):  # gone since listed: its school replaced it, nothing to refuse
+                    refused.append(_one_line(p, exc))
+                continue
+            if full is not None:
+                # Not kept for the master (it stays on the stick for the next
+                # trip), but answered from the replica all the same.
+                refused.append(_one_line(p, full))
+            r = requests.get(h.sender)
+            if r is None:
+                r = requests[h.sender] = _StickRequest(h.sender, [], h)
+            elif (h.created, h.volume) > (r.newest.created, r.newest.volume):
+                r.newest = h
+            r.files.append(p)
+            if copy is not None:
+                r.queued.append(copy)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not requests:
+        return [], refused
+    if forward is not None and any(r.queued for r in requests.values()):
+        reason = forward()
+        if reason is not None:
+            log.warning("relaying a stick: the master was not reached (%s); %d request(s) stay queued here "
+                        "and on the stick", reason, sum(1 for r in requests.values() if r.queued))
+    for r in requests.values():
+        if r.queued and not any(os.path.exists(q) for q in r.queued):
+            # Out of the queue: the master took it (or refused it for good):
+            # the stick need not carry it on. Its school's data stays with the
+            # school until the master's acknowledgement reaches it.
+            why = store.db.get_meta(REFUSED_META + r.school)
+            if why:
+                refused.append(f"{r.files[-1]}: the master refused {r.school}'s request: {why}")
+            for p in r.files:
+                _remove_imported(p)
+    return _answer_on_stick(store, box, list(requests.values()), budget, progress), refused
+
+
+def _take_request(store: Store, path: str, scratch: str, progress: Callable[[int], None] | None
+                  ) -> tuple[Header, str | None, QueueFull | None]:
+    """Copy a request off the stick into the store (so that what is checked is
+    what is queued, whatever the stick does next), check it and queue it.
+    Returns its header, the queued copy's path (None: not kept, an older request
+    than the one queued or the queue full) and the queue's refusal if full."""
+    os.makedirs(scratch, exist_ok=True)
+    copy = os.path.join(scratch, os.path.basename(path))
+    with open_pack(path) as src, open(copy, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+            if progress:
+                progress(len(chunk))
+    h = check_request(store, copy)
+    try:
+        if not enqueue(store, copy, h):
+            return h, None, None
+    except QueueFull as exc:
+        return h, None, exc
+    return h, os.path.join(up_dir(store, h.sender), _pack_name(h.sender, h.created, h.pack_id, h.volume)), None
+
+
+def _one_line(path: str, exc: Exception) -> str:
+    msg = str(exc)
+    base = os.path.basename(path)
+    for prefix in (path + ": ", base + ": "):  # check_request names the scratch copy by its base name
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return f"{path}: {msg}"
+
+
+def _answer_on_stick(store: Store, box: str, requests: list[_StickRequest], budget: int | None,
+                     progress: Callable[[int], None] | None) -> list[ExportResult]:
+    """Each school's answer into box/to-<school>/, within budget shared evenly
+    (what one school leaves unused goes to the next)."""
+    out = []
+    left = budget
+    requests = sorted(requests, key=lambda r: r.school)
+    for i, r in enumerate(requests):
+        share = None if left is None else left // (len(requests) - i)
+        res = _answer_one(store, box, r, share, progress)
+        if left is not None:
+            left -= res.bytes
+        out.append(res)
+    return out
+
+
+def _answer_one(store: Store, box: str, r: _StickRequest, share: int | None,
+                progress: Callable[[int], None] | None) -> ExportResult:
+    cfg = store.cfg
+    dest = os.path.join(box, to_folder(r.school))
+    _real_dir(dest)
+    res = ExportResult(r.school)
+    room = share
+    # The master's answer packs first: they carry the acknowledgements that
+    # let the school drop what the master now holds, and anything for it alone.
+    for p in list_packs(down_dir(store, r.school))[0]:
+        size = os.path.getsize(p)
+        target = os.path.join(dest, os.path.basename(p))
+        if os.path.exists(target) and os.path.getsize(target) == size:
+            res.files.append(target)  # put there at an earlier visit, not yet taken
+        elif room is None or size <= room:
+            _copy_durably(p, target, progress)
+            res.files.append(target)
+            res.bytes += size
+            if room is not None:
+                room -= size
+        else:
+            log.info("relaying a stick: the master's answer pack %s for %s (%s) does not fit; it goes next trip",
+                     os.path.basename(p), r.school, durable.mib(size))
+            continue
+        res.releases += _master_labels(p)
+    own: list[str] = []
+    mine = for_downstream(store, r.newest)
+    if mine.releases:
+        try:
+            w = write_packs(store, mine, dest, progress)
+        except DiskFullError as exc:
+            log.info("relaying a stick: %s's answer from the replica does not fit: %s", r.school, exc)
+        else:
+            if room is not None and w.bytes > room:
+                # Not within its share: taken off again rather than crowd out
+                # another school's answer; it goes next trip.
+                log.info("relaying a stick: %s's answer from the replica (%s) is over its share (%s); "
+                         "it goes next trip", r.school, durable.mib(w.bytes), durable.mib(room))
+                for f in w.files:
+                    _unlink(f)
+            else:
+                own = w.files
+                res.files += own
+                res.releases = w.releases + res.releases
+                res.objects += w.objects
+                res.raw_bytes += w.raw_bytes
+                res.bytes += w.bytes
+    # The relay's older answers for that school were planned from an older request.
+    _supersede(dest, cfg.id, own)
+    return res
+
+
+def _master_labels(path: str) -> list[str]:
+    """What a master's answer pack carries, for the receipt (its header only:
+    the school checks the pack whole when it imports it)."""
+    try:
+        with open_pack(path) as f:
+            h = PackReader(f, path, lambda hh: hh.sender_key).header
+    except PackError:
+        return []
+    rels = [decode(b, s).release for b, s in h.releases]
+    labels = [f"{r.collection} release {r.seq} from {h.sender}" for r in rels]
+    labels += [f"{h.sender}'s confirmation of {a.get('collection')} release {a.get('seq')}" for a in h.acks]
+    return labels
+
+
+def _copy_durably(src: str, target: str, progress: Callable[[int], None] | None) -> None:
+    """Copy a pack onto the stick as write_packs writes one: a .part file,
+    flushed, renamed, the folder flushed."""
+    folder = os.path.dirname(target)
+    tmp = os.path.join(folder, "." + os.path.basename(target) + ".part")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            with open(src, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    if progress:
+                        progress(len(chunk))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        durable.fsync_dir(folder)
+    except OSError:
+        _unlink(tmp)
+        raise
+
+
+def waiting(store: Store) -> list[str]:
+    """Lines for a receipt or status: the requests this relay keeps for the master."""
+    out = []
+    why = store.db.get_meta("upstream.last_error")
+    for school, files in queued(store).items():
+        size = sum(os.path.getsize(f) for f in files)
+        line = f"{school}'s request ({durable.mib(size)}) is kept here for the master"
+        out.append(line + (f" (last attempt: {why})" if why else ""))
+    return out
