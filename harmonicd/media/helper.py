@@ -40,11 +40,7 @@ DAEMON_USER = "harmonicd"
 
 
 class Refused(Exception):
-    """Why the stick is not mounted, in one line; ``note`` says whether the daemon is told."""
-
-    def __init__(self, why: str, note: bool = True) -> None:
-        super().__init__(why)
-        self.note = note
+    """Why the stick is not mounted, in one line, for the journal and the daemon's error note."""
 
 
 def _say(line: str, *, failure: bool = False) -> None:
@@ -78,13 +74,14 @@ def _check_device(device: str, name: str, kinds: tuple[str, ...]) -> None:
         raise Refused("no medium (the device is empty)")
 
 
-def _probe(device: str, name: str) -> str:
-    """The file system on DEVICE, read from its superblock (blkid -p ignores any cache)."""
+def _probe(device: str, name: str) -> str | None:
+    """The file system on DEVICE, read from its superblock (blkid -p ignores any cache); None for a disk
+    whose partitions carry the file systems (each partition has its own helper)."""
     p = _run(["blkid", "-p", "-o", "export", device])
     fstype = next((ln.removeprefix("TYPE=") for ln in p.stdout.splitlines() if ln.startswith("TYPE=")), "")
     if p.returncode == 2 or (p.returncode == 0 and not fstype):
         if partitions(name):
-            raise Refused(f"{name} holds partitions; each is mounted on its own", note=False)
+            return None
         raise Refused("no file system (blank or unformatted)")
     if p.returncode != 0:
         raise Refused(f"unreadable: {_last_line(p.stderr)}")
@@ -170,11 +167,10 @@ def _remove(path: str) -> None:
 
 def _make_mount_point(base: str, target: str) -> None:
     if not os.path.isdir(base):
-        os.makedirs(base, 0o750)
+        os.makedirs(base)
+        os.chmod(base, 0o750)  # whatever the umask
         os.chown(base, *_owner())  # the daemon writes its eject requests here (tmpfiles makes it so too)
     if os.path.lexists(target):
-        if _mounted(target):
-            raise Refused(f"{target} is already a mount point (another harmonicd-mount for it?)", note=False)
         try:
             os.rmdir(target)  # an empty folder left by a helper that was killed
         except OSError as exc:
@@ -206,12 +202,19 @@ def run(device: str, base: str, kinds: tuple[str, ...]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    if _mounted(target):
+        # Before touching the notes: they belong to the helper that holds this mount.
+        _say(f"{name}: {target} is already a mount point (another harmonicd-mount for it?)", failure=True)
+        return 1
     # What a previous insertion left must not speak for this one (a stale request would unmount at once).
     _remove(error_note(base, name))
     _remove(eject_request(base, name))
     try:
         _check_device(device, name, kinds)
         fstype = _probe(device, name)
+        if fstype is None:
+            _say(f"{name}: holds partitions; each is mounted on its own")
+            return 0
         _make_mount_point(base, target)
         try:
             _mount(device, fstype, target)
@@ -220,8 +223,7 @@ def run(device: str, base: str, kinds: tuple[str, ...]) -> int:
             raise
     except Refused as exc:
         _say(f"{name}: {exc}", failure=True)
-        if exc.note:
-            _write_note(base, name, str(exc))
+        _write_note(base, name, str(exc))
         return 1
     _say(f"{name}: mounted {device} ({fstype}) at {target}")
     why = _wait(base, name, target, stopped)
