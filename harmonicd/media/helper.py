@@ -54,9 +54,14 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
-def _last_line(text: str) -> str:
+def _reason(text: str, target: str = "") -> str:
+    """The line of a tool's output that says what went wrong, without the tool's prefixes."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else "no reason given"
+    # mount(8) adds "dmesg(1) may have more information" after its reason; exfat-fuse says "ERROR: ...".
+    said = [ln for ln in lines if ln.startswith(("mount:", "umount:", "ERROR:"))] or lines
+    if not said:
+        return "no reason given"
+    return said[0].removeprefix("ERROR: ").removeprefix(f"mount: {target}: ").removeprefix(f"umount: {target}: ")
 
 
 def _check_device(device: str, name: str, kinds: tuple[str, ...]) -> None:
@@ -84,7 +89,7 @@ def _probe(device: str, name: str) -> str | None:
             return None
         raise Refused("no file system (blank or unformatted)")
     if p.returncode != 0:
-        raise Refused(f"unreadable: {_last_line(p.stderr)}")
+        raise Refused(f"unreadable: {_reason(p.stderr)}")
     if fstype not in TAKEN:
         raise Refused(f"file system {fstype} is not one Harmonic takes ({', '.join(TAKEN)})")
     return fstype
@@ -118,15 +123,14 @@ def _mount(device: str, fstype: str, target: str) -> None:
     except FileNotFoundError:
         raise Refused("unreadable: exFAT needs the kernel's exfat driver or exfat-fuse (Debian package)") from None
     if p.returncode != 0:
-        why = _last_line(p.stderr or p.stdout).removeprefix("ERROR: ").removeprefix(f"mount: {target}: ")
-        raise Refused(f"unreadable: {why}")
+        raise Refused(f"unreadable: {_reason(p.stderr, target)}")
     if fuse:
         # libfuse 2 passes nosuid,nodev to the kernel but drops noexec and noatime (checked with
         # exfat-fuse 1.3): set them on the mount itself, which leaves the file system alone.
         p = _run(["mount", "-o", f"remount,bind,{OPTIONS}", target])
         if p.returncode != 0:
             _unmount(target)
-            raise Refused(f"unreadable: could not make the mount noexec: {_last_line(p.stderr)}")
+            raise Refused(f"unreadable: could not make the mount noexec: {_reason(p.stderr, target)}")
 
 
 def _mounted(target: str) -> bool:
@@ -143,7 +147,7 @@ def _unmount(target: str) -> str | None:
             return None
         time.sleep(UNMOUNT_PAUSE)
     p = _run(["umount", "--lazy", target])
-    return None if p.returncode == 0 or not _mounted(target) else _last_line(p.stderr)
+    return None if p.returncode == 0 or not _mounted(target) else _reason(p.stderr, target)
 
 
 def _write_note(base: str, name: str, why: str) -> None:
