@@ -1,0 +1,147 @@
+"""harmonicd.media.events on a real event loop: real kernel uevents from loop devices, real mounts.
+
+No udevd runs on the test machines, so the kernel source is what these use; a loop device's
+attach and detach are both "change" events, told apart by ``present``.
+"""
+
+from __future__ import annotations
+
+import asyncio  # noqa: TID251 (the bridge under test hands events to a loop)
+import gc
+import os
+from pathlib import Path
+
+import pytest
+
+from harmonicd.media.events import BlockEvent, MountWatch, UeventSource, choose_source
+from tests.media.helpers import StickLab, sh
+
+
+async def next_event(queue: asyncio.Queue[BlockEvent], name: str, present: bool, within: float = 10) -> BlockEvent:
+    """The first event for NAME with the given presence (other tests' loop devices may speak too)."""
+    async with asyncio.timeout(within):
+        while True:
+            event = await queue.get()
+            if event.name == name and event.present == present:
+                return event
+
+
+async def watch_uevents(lab: StickLab, image: Path) -> tuple[BlockEvent, BlockEvent, list[BlockEvent]]:
+    queue: asyncio.Queue[BlockEvent] = asyncio.Queue()
+    seen: list[BlockEvent] = []
+
+    def on_event(event: BlockEvent) -> None:
+        seen.append(event)
+        queue.put_nowait(event)
+
+    source = UeventSource("kernel")
+    source.start(asyncio.get_running_loop(), on_event)
+    try:
+        name = await asyncio.to_thread(lab.attach, image)
+        attached = await next_event(queue, name, present=True)
+        await asyncio.to_thread(lab.detach, name)
+        detached = await next_event(queue, name, present=False)
+    finally:
+        source.stop()
+    return attached, detached, [e for e in seen if e.name == name]
+
+
+def test_kernel_uevents_of_a_loop_attach_and_detach(stick_lab: StickLab) -> None:
+    attached, detached, all_of_it = asyncio.run(watch_uevents(stick_lab, stick_lab.image("ext4")))
+    assert attached == BlockEvent(action="change", name=attached.name, kind="loop", present=True)
+    assert detached == BlockEvent(action="change", name=attached.name, kind="loop", present=False)
+    assert {e.action for e in all_of_it} == {"change"}
+
+
+def test_uevents_of_partitions_come_and_go(stick_lab: StickLab) -> None:
+    image = stick_lab.image("ext4", partitioned=True)
+
+    async def main() -> list[BlockEvent]:
+        seen: list[BlockEvent] = []
+        source = UeventSource("kernel")
+        source.start(asyncio.get_running_loop(), seen.append)
+        try:
+            name = await asyncio.to_thread(stick_lab.attach, image, partitions=True)
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(stick_lab.detach, name)
+            await asyncio.sleep(0.5)
+        finally:
+            source.stop()
+        return [e for e in seen if e.name == f"{name}p1"]
+
+    events = asyncio.run(main())
+    assert BlockEvent("add", events[0].name, "loop", True) in events
+    # Gone from sysfs when handled: the kind comes from the event's own device path.
+    assert events[-1] == BlockEvent("remove", events[0].name, "loop", False)
+
+
+def test_stop_stops_and_leaks_nothing(stick_lab: StickLab) -> None:
+    async def main() -> tuple[int, int, list[BlockEvent]]:
+        loop = asyncio.get_running_loop()
+        seen: list[BlockEvent] = []
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            source = UeventSource("kernel")
+            source.start(loop, seen.append)
+            source.stop()
+            source.stop()  # twice is harmless
+        del source
+        gc.collect()
+        after = len(os.listdir("/proc/self/fd"))
+        name = await asyncio.to_thread(stick_lab.attach, stick_lab.image("blank"))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(stick_lab.detach, name)
+        return before, after, seen
+
+    before, after, seen = asyncio.run(main())
+    assert after == before, "a stopped UeventSource kept its netlink socket"
+    assert seen == []
+
+
+def test_the_source_is_chosen_by_whether_udevd_runs() -> None:
+    assert choose_source().source == ("udev" if os.path.exists("/run/udev/control") else "kernel")
+    with pytest.raises(ValueError, match="'udev' or 'kernel'"):
+        UeventSource("netlink")
+
+
+def test_mount_watch_fires_on_real_mounts(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    where = tmp_path / "mnt"
+    where.mkdir()
+
+    async def main() -> tuple[int, int, int]:
+        changed = asyncio.Event()
+        count = 0
+
+        def on_change() -> None:
+            nonlocal count
+            count += 1
+            changed.set()
+
+        watch = MountWatch()
+        watch.start(asyncio.get_running_loop(), on_change)
+        try:
+            await asyncio.sleep(0.3)
+            quiet = count  # nothing changed: no wake-up, no polling
+            await asyncio.to_thread(sh, "mount", "-t", "tmpfs", "-o", "size=1m", "lab", str(where))
+            async with asyncio.timeout(5):
+                await changed.wait()
+            mounted = count
+            changed.clear()
+            await asyncio.to_thread(sh, "umount", str(where))
+            async with asyncio.timeout(5):
+                await changed.wait()
+        finally:
+            watch.stop()
+            watch.stop()
+        return quiet, mounted, count
+
+    try:
+        quiet, mounted, total = asyncio.run(main())
+    finally:
+        sh("umount", str(where), check=False)
+    assert quiet == 0
+    assert mounted >= 1
+    assert total > mounted
