@@ -128,7 +128,7 @@ class StickLab:
     def __init__(self, tmp: Path, kinds: tuple[str, ...] = ("loop",)) -> None:
         self.tmp = tmp
         self.base = tmp / "media"  # the mount base, as /media/harmonicd
-        self.base.mkdir(exist_ok=True)
+        self.base.mkdir(parents=True, exist_ok=True)
         self.config = write_config(tmp / "harmonicd-mount.toml", self.base, kinds)
         self.loops: list[str] = []
         self.runs: list[HelperRun] = []
