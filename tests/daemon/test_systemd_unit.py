@@ -6,22 +6,27 @@ deliberately broken copy of the unit proves the check can fail. The
 security exposure is gated with ``systemd-analyze security --offline=true
 --threshold=25`` and the printed score; a bare unit proves the threshold
 gates. The consistency tests tie the unit, the snippets and the daemon's
-defaults together, so one cannot drift from the others unnoticed.
+defaults together, so one cannot drift from the others unnoticed. The stick helper's
+template unit gets the same verify check, a looser security gate (it must mount, as root,
+in the host's mount namespace) and checks against harmonicd-mount and the udev rule.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from harmonicd import config as config_mod
 from harmonicd.daemon import EX_CONFIG
+from harmonicd.media.helper import UNMOUNT_PAUSE, UNMOUNT_TRIES
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNIT = SYSTEMD_DIR / "harmonicd.service"
@@ -259,3 +264,94 @@ def test_snippets_apply_to_an_empty_root(tmp_path: Path) -> None:
     for rel, (want_uid, want_gid, want_mode) in expect.items():
         st = (root / rel).stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (want_uid, want_gid, want_mode), rel
+
+
+# --------------------------------------------------------------------------- the stick helper's unit and udev rule
+
+STICK_UNIT = SYSTEMD_DIR / "harmonicd-stick@.service"
+STICK_RULES = SYSTEMD_DIR / "90-harmonicd-stick.rules"
+_MOUNT_SCRIPT = Path(sys.executable).parent / "harmonicd-mount"
+MOUNT_BIN = _MOUNT_SCRIPT if _MOUNT_SCRIPT.exists() else Path(sys.executable)
+# Root with CAP_SYS_ADMIN in the host's mount namespace is what mounting takes (3.8 on systemd 252).
+STICK_MAX_EXPOSURE = 4.5
+# Each of these gives the unit a mount namespace of its own, where a mount stays invisible to harmonicd.
+NAMESPACING = ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts", "PrivateNetwork",
+               "PrivateUsers", "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem",
+               "BindPaths", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+               "ProtectControlGroups", "ProtectProc", "ProcSubset", "RootDirectory", "MountFlags")
+
+
+def stick_unit_for_this_machine(tmp: Path, text: str | None = None,
+                                name: str = "harmonicd-stick@sdb1.service") -> Path:
+    text = STICK_UNIT.read_text() if text is None else text
+    new, n = re.subn(r"(?m)^ExecStart=/usr/bin/harmonicd-mount\b", f"ExecStart={MOUNT_BIN}", text)
+    assert n == 1, "the stick unit's ExecStart=/usr/bin/harmonicd-mount line was not found"
+    path = tmp / name
+    path.write_text(new)
+    return path
+
+
+@needs_analyze
+@pytest.mark.parametrize("name", ["harmonicd-stick@.service", "harmonicd-stick@sdb1.service"])
+def test_stick_unit_verifies_without_any_warning(tmp_path: Path, name: str) -> None:
+    problems = verify_problems(stick_unit_for_this_machine(tmp_path, name=name))
+    assert problems == "", f"systemd-analyze verify objects to systemd/harmonicd-stick@.service ({name}):\n{problems}"
+
+
+@needs_analyze
+@pytest.mark.parametrize(("old", "new"), [("KillMode=mixed", "KillMode=mixd"),
+                                          ("CapabilityBoundingSet=", "CapabilitiesBoundingSet="),
+                                          ("TimeoutStopSec=30s", "TimeoutStopSec=thirty")])
+def test_verify_check_catches_a_broken_stick_unit(tmp_path: Path, old: str, new: str) -> None:
+    text, n = re.subn(rf"(?m)^{re.escape(old)}", new, STICK_UNIT.read_text(), count=1)
+    assert n == 1, f"test out of date: no line starts with {old!r} in the stick unit"
+    assert verify_problems(stick_unit_for_this_machine(tmp_path, text)), f"the verify check missed {new!r}"
+
+
+@pytest.mark.usefixtures("offline_security")
+def test_stick_unit_security_exposure(tmp_path: Path) -> None:
+    code, score, out = security(stick_unit_for_this_machine(tmp_path), threshold=int(STICK_MAX_EXPOSURE * 10))
+    assert code == 0, f"systemd-analyze security failed (exit {code}):\n{out}"
+    assert score <= STICK_MAX_EXPOSURE, f"exposure {score} > {STICK_MAX_EXPOSURE}:\n{out}"
+
+
+def test_stick_unit_matches_the_helper() -> None:
+    u = parse_unit(STICK_UNIT.read_text())
+    s = "Service"
+    assert one(u, s, "Type") == "simple"
+    assert one(u, s, "ExecStart") == "/usr/bin/harmonicd-mount /dev/%I"
+    assert one(u, "Unit", "BindsTo") == "dev-%i.device", "a pulled stick must stop the helper"
+    assert one(u, "Unit", "After") == "dev-%i.device"
+    assert one(u, s, "KillMode") == "mixed", "SIGTERM to the helper only: FUSE must outlive the unmount"
+    assert "User" not in u[s], "mounting needs root"
+    assert "Install" not in u, "udev starts it, nothing enables it"
+    present = [k for k in NAMESPACING if k in u[s]]
+    assert not present, f"these give the unit its own mount namespace, hiding the mount from harmonicd: {present}"
+    assert set(one(u, s, "CapabilityBoundingSet").split()) == {"CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_CHOWN"}
+    assert one(u, s, "RestrictAddressFamilies") == "AF_UNIX"
+    assert "/dev/fuse rw" in u[s]["DeviceAllow"]
+    stop = re.fullmatch(r"(\d+)s", one(u, s, "TimeoutStopSec"))
+    assert stop, "TimeoutStopSec is expected in whole seconds"
+    assert int(stop.group(1)) >= UNMOUNT_TRIES * UNMOUNT_PAUSE + 10, "no room for the unmount's retries"
+
+
+def test_mount_command_is_the_units() -> None:
+    scripts = tomllib.loads((SYSTEMD_DIR.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["harmonicd-mount"].partition(":")
+    assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_udev_rule_wants_the_stick_unit() -> None:
+    lines = [ln.strip() for ln in STICK_RULES.read_text().splitlines() if ln.strip()]
+    active = [ln for ln in lines if not ln.startswith("#")]
+    sd_card = [ln.removeprefix("#") for ln in lines if ln.startswith("#ACTION")]
+    assert len(active) == 1, active
+    assert len(sd_card) == 1, "the commented SD-card variant is missing"
+    want = {("ACTION", "==", "add"), ("SUBSYSTEM", "==", "block"), ("ENV{ID_FS_USAGE}", "==", "filesystem"),
+            ("TAG", "+=", "systemd"), ("ENV{SYSTEMD_WANTS}", "+=", "harmonicd-stick@%k.service")}
+    for rule, own in ((active[0], ("ENV{ID_BUS}", "==", "usb")), (sd_card[0], ("KERNEL", "==", "mmcblk[0-9]*"))):
+        pairs = re.findall(r'([A-Z_]+(?:\{[A-Z_]+\})?)(==|\+=|=)"([^"]*)"', rule)
+        assert len(pairs) == rule.count('"') // 2, f"cannot read every key of {rule!r}"
+        assert set(pairs) == want | {own}, rule
+    # udev's %k is the kernel name the unit's %i/%I expect (dev-sdb1.device, /dev/sdb1).
+    assert "harmonicd-stick@%k.service".replace("%k", "") == STICK_UNIT.name
