@@ -50,8 +50,8 @@ def _say(line: str, *, failure: bool = False) -> None:
     stream.flush()
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+def _run(cmd: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, pass_fds=pass_fds)
 
 
 def _reason(text: str, target: str = "") -> str:
@@ -108,7 +108,14 @@ def _kernel_has(fstype: str) -> bool:
         return any(line.split()[-1] == fstype for line in f if line.strip())
 
 
-def _mount(device: str, fstype: str, target: str) -> None:
+def _mount(device: str, fstype: str, target: str, folder: int) -> None:
+    """Mounts DEVICE on the folder open as FOLDER (an O_PATH descriptor of TARGET).
+
+    Through /proc/self/fd, not by name: the mount base belongs to the daemon's user, which
+    could swap the folder for a symlink between its making and the mount, and have root
+    mount a stick over /etc. A mount point, once mounted, can be neither removed nor renamed.
+    """
+    at = f"/proc/self/fd/{folder}"
     options = OPTIONS
     if fstype in ("vfat", "exfat"):
         uid, gid = _owner()
@@ -116,18 +123,19 @@ def _mount(device: str, fstype: str, target: str) -> None:
     if fstype == "vfat":
         options += ",flush"  # write out as soon as a file is closed: sticks are pulled early
     fuse = fstype == "exfat" and not _kernel_has("exfat")
-    cmd = ["mount.exfat-fuse", "-o", options, device, target] if fuse else \
-        ["mount", "-t", fstype, "-o", options, device, target]
+    cmd = ["mount.exfat-fuse", "-o", options, device, at] if fuse else \
+        ["mount", "--no-canonicalize", "-t", fstype, "-o", options, device, at]
     try:
-        p = _run(cmd)
+        p = _run(cmd, pass_fds=(folder,))
     except FileNotFoundError:
         raise Refused("unreadable: exFAT needs the kernel's exfat driver or exfat-fuse (Debian package)") from None
     if p.returncode != 0:
-        raise Refused(f"unreadable: {_reason(p.stderr, target)}")
+        raise Refused(f"unreadable: {_reason(p.stderr, at)}")
     if fuse:
         # libfuse 2 passes nosuid,nodev to the kernel but drops noexec and noatime (checked with
         # exfat-fuse 1.3): set them on the mount itself, which leaves the file system alone.
-        p = _run(["mount", "-o", f"remount,bind,{OPTIONS}", target])
+        # FOLDER is the folder under the mount now; TARGET, mounted, can no longer be swapped.
+        p = _run(["mount", "--no-canonicalize", "-o", f"remount,bind,{OPTIONS}", target])
         if p.returncode != 0:
             _unmount(target)
             raise Refused(f"unreadable: could not make the mount noexec: {_reason(p.stderr, target)}")
@@ -169,17 +177,22 @@ def _remove(path: str) -> None:
         pass
 
 
-def _make_mount_point(base: str, target: str) -> None:
+def _make_base(base: str) -> None:
     if not os.path.isdir(base):
         os.makedirs(base)
         os.chmod(base, 0o750)  # whatever the umask
         os.chown(base, *_owner())  # the daemon writes its eject requests here (tmpfiles makes it so too)
-    if os.path.lexists(target):
-        try:
+
+
+def _make_mount_point(target: str) -> int:
+    """Makes TARGET and returns an O_PATH descriptor of it for _mount."""
+    try:
+        if os.path.lexists(target):
             os.rmdir(target)  # an empty folder left by a helper that was killed
-        except OSError as exc:
-            raise Refused(f"cannot use {target} as mount point: {exc.strerror}") from None
-    os.mkdir(target, 0o700)
+        os.mkdir(target, 0o700)
+        return os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY)
+    except OSError as exc:
+        raise Refused(f"cannot use {target} as mount point: {exc.strerror}") from None
 
 
 def _wait(base: str, name: str, target: str, stopped: list[int]) -> str:
@@ -210,6 +223,7 @@ def run(device: str, base: str, kinds: tuple[str, ...]) -> int:
         # Before touching the notes: they belong to the helper that holds this mount.
         _say(f"{name}: {target} is already a mount point (another harmonicd-mount for it?)", failure=True)
         return 1
+    _make_base(base)
     # What a previous insertion left must not speak for this one (a stale request would unmount at once).
     _remove(error_note(base, name))
     _remove(eject_request(base, name))
@@ -219,12 +233,14 @@ def run(device: str, base: str, kinds: tuple[str, ...]) -> int:
         if fstype is None:
             _say(f"{name}: holds partitions; each is mounted on its own")
             return 0
-        _make_mount_point(base, target)
+        folder = _make_mount_point(target)
         try:
-            _mount(device, fstype, target)
+            _mount(device, fstype, target, folder)
         except Refused:
             os.rmdir(target)
             raise
+        finally:
+            os.close(folder)
     except Refused as exc:
         _say(f"{name}: {exc}", failure=True)
         _write_note(base, name, str(exc))

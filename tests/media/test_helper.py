@@ -176,6 +176,19 @@ def test_stale_notes_of_an_earlier_insertion_are_removed(stick_lab: StickLab) ->
     assert run.wait_exit() == 0
 
 
+def test_a_symlink_in_place_of_the_mount_point_is_not_followed(stick_lab: StickLab) -> None:
+    # The mount base belongs to the daemon's user: root must never mount through a link it put there.
+    name = stick_lab.attach(stick_lab.image("ext4"))
+    elsewhere = stick_lab.tmp / "elsewhere"
+    elsewhere.mkdir()
+    (stick_lab.base / name).symlink_to(elsewhere)
+    run = stick_lab.helper(name)
+    assert run.wait_exit() == 1
+    assert mount_of(str(elsewhere)) is None
+    note = devices.read_error_note(str(stick_lab.base), name)
+    assert note == f"cannot use {stick_lab.base / name} as mount point: Not a directory"
+
+
 def test_a_second_helper_for_a_mounted_stick_is_refused(stick_lab: StickLab) -> None:
     name = stick_lab.attach(stick_lab.image("ext4"))
     first = stick_lab.helper(name)
