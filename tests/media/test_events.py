@@ -145,3 +145,31 @@ def test_mount_watch_fires_on_real_mounts(tmp_path: Path) -> None:
     assert quiet == 0
     assert mounted >= 1
     assert total > mounted
+
+
+def test_ten_insertions_in_a_burst_end_in_the_true_state(stick_lab: StickLab) -> None:
+    image = stick_lab.image("blank")
+
+    def ten_times() -> set[str]:
+        names = set()
+        for _ in range(10):
+            name = stick_lab.attach(image)
+            stick_lab.detach(name)
+            names.add(name)
+        return names
+
+    async def main() -> tuple[set[str], dict[str, BlockEvent]]:
+        last: dict[str, BlockEvent] = {}
+        source = UeventSource("kernel")
+        source.start(asyncio.get_running_loop(), lambda e: last.__setitem__(e.name, e))
+        try:
+            names = await asyncio.to_thread(ten_times)
+            await asyncio.sleep(0.5)
+        finally:
+            source.stop()
+        return names, last
+
+    names, last = asyncio.run(main())
+    # However the events interleaved, the last word on each device is that it is empty.
+    assert names <= set(last)
+    assert all(not last[n].present and last[n].kind == "loop" for n in names), [last[n] for n in names]
