@@ -101,6 +101,13 @@ def test_stop_stops_and_leaks_nothing(stick_lab: StickLab) -> None:
 
 def test_the_source_is_chosen_by_whether_udevd_runs() -> None:
     assert choose_source().source == ("udev" if os.path.exists("/run/udev/control") else "kernel")
+
+    async def start_and_stop() -> None:
+        source = UeventSource("udev")  # binds udevd's multicast group, whether or not udevd runs
+        source.start(asyncio.get_running_loop(), lambda e: None)
+        source.stop()
+
+    asyncio.run(start_and_stop())
     with pytest.raises(ValueError, match="'udev' or 'kernel'"):
         UeventSource("netlink")
 
