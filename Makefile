@@ -44,6 +44,7 @@ bench: venv
 	$(BIN)/python benchmarks/daemon.py
 	$(BIN)/python benchmarks/online.py
 	$(BIN)/python benchmarks/schools.py
+	$(BIN)/python benchmarks/stick.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
