@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--for", dest="target")
     ex = sub.add_parser("exchange", parents=[common], help="sync through DIR (a stick or any folder)")
     ex.add_argument("dir")
+    stick = sub.add_parser("stick", parents=[common], help="sticks: prepare one for Harmonic")
+    stick_sub = stick.add_subparsers(dest="stick_command", required=True, parser_class=_Parser)
+    sp = stick_sub.add_parser("prepare", parents=[common],
+                              help="make the stick mounted at DIR a Harmonic stick (HARMONIC/ and a README)")
+    sp.add_argument("dir")
     st = sub.add_parser("status", parents=[common], help="what this server holds and does")
     st.add_argument("--json", action="store_true")
     sub.add_parser("verify", parents=[common], help="re-check every stored object and deployed file")
@@ -130,6 +135,8 @@ def _run(args: argparse.Namespace, path: str) -> int:
         else:
             print(_render_status(st))
         return 0
+    if cmd == "stick":
+        return _stick_prepare(cfg, args.dir)
     _become_state_owner(cfg)
     with Store(cfg) as store:
         from harmonicd.services.maintenance import recover
@@ -221,14 +228,39 @@ def _as_toml_dict(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"{cfg.path}: would not be valid TOML ({exc})") from None
 
 
+def _stick_prepare(cfg: Config, folder: str) -> int:
+    from harmonicd.services.stick import is_prepared, prepare
+
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder} is not a folder")
+    if is_prepared(folder):
+        print(f"{folder} is already a Harmonic stick")
+        return 0
+    box = prepare(folder)
+    # root preparing an ext4 stick: the daemon's user must be able to write there
+    # (FAT and exFAT sticks are mounted with its uid, so this changes nothing).
+    if os.geteuid() == 0:
+        try:
+            owner = os.stat(cfg.state_dir)
+        except OSError:
+            owner = None
+        if owner is not None and owner.st_uid != 0:
+            for p in (box, os.path.join(box, "README.txt")):
+                os.chown(p, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    print(f"prepared {folder}: Harmonic will use it (HARMONIC/)")
+    return 0
+
+
 def _exchange(store: Store, folder: str) -> int:
-    from harmonicd.services.exchange import exchange
+    from harmonicd.services.stick import visit
     from harmonicd.store import durable
 
     if not os.path.isdir(folder):
         raise UsageError(f"{folder} is not a folder")
     t0 = time.monotonic()
-    rep = exchange(store, folder)
+    # Typed by a person: consent to write to a stick not yet prepared.
+    v = visit(store, folder, None, consent=True, read_back=store.cfg.media_read_back)
+    rep = v.report
     for name, seq in rep.published:
         print(f"published {name} release {seq}")
     for r in rep.imported:
@@ -244,6 +276,11 @@ def _exchange(store: Store, folder: str) -> int:
         what = ", ".join(e.releases) or "request"
         print(f"wrote {len(e.files)} pack file(s) for {e.recipient}: {what} "
               f"({e.objects} objects, {durable.mib(e.bytes)})")
+    if v.verified_files:
+        print(f"read back {v.verified_files} pack file(s) ({durable.mib(v.verified_bytes)}) from {folder}: "
+              "as written")
+    for w in v.left_over:
+        print(f"next trip: {w}")
     for w in rep.waiting:
         print(f"waiting: {w}")
     for line in rep.refused:

@@ -12,6 +12,7 @@ Nothing else should escape to the user as a traceback.
     ├── StoreError                   exit 1   local state
     │   ├── IntegrityError                    an object or deployed file does not match its hash
     │   ├── DiskFullError                     ENOSPC: says how much space is needed
+    │   │   └── NoRoom                        a pack's header alone would exceed its budget: nothing written
     │   └── StateError                        state folder missing, wrong format version, …
     ├── PackError                    exit 1   a pack (file on a stick, or HTTP body) is refused
     │   ├── Misaddressed                      for another server (left alone)
@@ -20,6 +21,10 @@ Nothing else should escape to the user as a traceback.
     │   ├── UntrustedPack                     signed by a key this server does not trust
     │   ├── ReplayedRequest                   an online request already answered (a copy sent again)
     │   └── UnsafeName                        a tree name that could escape or collide
+    ├── StickError                   exit 1   the stick itself failed the visit
+    │   ├── NotPrepared                       no HARMONIC/ folder and no consent: nothing written
+    │   ├── StickRemoved                      gone mid-visit (ENOTCONN, EIO, ENODEV, ...)
+    │   └── StickUnreliable                   read-back differs from what was written
     ├── TrustError                   exit 1   a release that must not be accepted
     │   ├── BadSignature
     │   └── Equivocation                      same seq, other content
@@ -74,6 +79,10 @@ class DiskFullError(StoreError):
     """The disk is full."""
 
 
+class NoRoom(DiskFullError):
+    """Not even a pack's header fits in the room it was given: nothing was written."""
+
+
 class StateError(StoreError):
     """The state folder is missing or in an unexpected format."""
 
@@ -104,6 +113,29 @@ class ReplayedRequest(PackError):
 
 class UnsafeName(PackError):
     """A file name is unsafe."""
+
+
+class StickError(HarmonicError):
+    """A visit of a stick failed because of the stick."""
+
+
+class NotPrepared(StickError):
+    """The stick holds no HARMONIC/ folder and nobody consented to writing one."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(f"{folder}: not prepared for Harmonic; nothing written "
+                         f"(`harmonicctl stick prepare {folder}`, or [media] adopt_blank = true)")
+
+
+class StickRemoved(StickError):
+    """The stick went away during the visit: nothing in flight was marked done."""
+
+    def __init__(self, during: str) -> None:
+        super().__init__(f"the stick was removed during {during}; nothing was marked done: insert it again")
+
+
+class StickUnreliable(StickError):
+    """Read back past the page cache, the stick did not return what was written to it."""
 
 
 class TrustError(HarmonicError):

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import blake3
 
@@ -193,7 +193,9 @@ class PackWriter:
         # Records of the frame being filled, joined once when it is flushed.
         self._parts: list[bytes | bytearray | memoryview] = []
         self._buf_len = 0
-        self._pending: deque[Future[tuple[int, int, bytes]]] = deque()
+        # Frames being compressed, each with its raw length: a frame is never
+        # stored larger than raw (F_STORED), which bounds what it will take.
+        self._pending: deque[tuple[Future[tuple[int, int, bytes]], int]] = deque()
         self._pool = pool
         self._depth = depth
         self._local = _Local()
@@ -208,11 +210,13 @@ class PackWriter:
 
     # Upper bound of the final size if the pack were closed after adding
     # `extra` more raw bytes: used to split volumes without ever overshooting.
+    # A bound that is also tight enough to fill a small stick: frames in flight
+    # count at their raw length, never more than they can take.
     def worst_case_size(self, extra: int = 0) -> int:
-        inflight = len(self._pending) * (MAX_FRAME_STORED + FRAME_HEAD.size)
+        inflight = sum(raw + FRAME_HEAD.size for _fut, raw in self._pending)
         buffered = self._buf_len + extra
-        frame_overhead = FRAME_HEAD.size + 64 + buffered // 1000  # zstd's bound for incompressible data
-        return self.written + inflight + buffered + frame_overhead + FRAME_HEAD.size + MAX_TRAILER_EST + FOOTER_LEN
+        frame = FRAME_HEAD.size if buffered else 0
+        return self.written + inflight + buffered + frame + closing_size()
 
     def _emit(self, data: bytes | bytearray | memoryview) -> None:
         self._hash.update(data)
@@ -274,9 +278,9 @@ class PackWriter:
             fut.set_result(self._compress(raw))
         else:
             fut = self._pool.submit(self._compress, raw)
-        self._pending.append(fut)
+        self._pending.append((fut, len(raw)))
         while len(self._pending) >= self._depth:
-            self._write_frame(self._pending.popleft().result())
+            self._write_frame(self._pending.popleft()[0].result())
 
     def _write_frame(self, frame: tuple[int, int, bytes]) -> None:
         typ, raw_len, stored = frame
@@ -288,7 +292,7 @@ class PackWriter:
         """Finish the pack: end frame, digest and signature. Returns the digest."""
         self.flush_frame()
         while self._pending:
-            self._write_frame(self._pending.popleft().result())
+            self._write_frame(self._pending.popleft()[0].result())
         trailer = pack_msg({"frames": self.frames, "objects": self.objects,
                             "raw_bytes": self.raw_bytes, "last": last})
         self._emit(FRAME_HEAD.pack(F_END, 0, len(trailer)))
@@ -300,13 +304,76 @@ class PackWriter:
         return digest
 
 
+def closing_size() -> int:
+    """What closing a pack adds at most: the end frame, its trailer and the footer."""
+    return FRAME_HEAD.size + MAX_TRAILER_EST + FOOTER_LEN
+
+
+def empty_size(header: Header) -> int:
+    """The size of a pack with this header and no records (what it takes at least)."""
+    return PREAMBLE.size + len(header.encode()) + closing_size()
+
+
+class Hashed:
+    """A sink that hashes every byte on its way to the file, so what a stick
+    returns on read-back can be checked against what was handed to it."""
+
+    def __init__(self, out: Sink) -> None:
+        self._out = out
+        self.hash = blake3.blake3()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> Any:
+        self.hash.update(data)
+        self.size += len(data)
+        return self._out.write(data)
+
+
+def file_hash(f: Source, chunk: int = 1 << 20) -> tuple[bytes, int]:
+    """The hash Hashed computes, of a file read to its end, and its length."""
+    h = blake3.blake3()
+    n = 0
+    while True:
+        b = f.read(chunk)
+        if not b:
+            return h.digest(), n
+        h.update(b)
+        n += len(b)
+
+
+def footer_matches(src: Source, chunk: int = 1 << 20) -> tuple[bool, int]:
+    """Whether a whole pack file's bytes match the digest in its own footer (and
+    its length): what a copy of a pack can be checked by when no hash was taken
+    while it was written. Not a trust check: the signature is not looked at."""
+    h = blake3.blake3()
+    tail = b""
+    n = 0
+    while True:
+        b = src.read(chunk)
+        if not b:
+            break
+        n += len(b)
+        tail += b
+        if len(tail) > FOOTER_LEN:
+            h.update(tail[:-FOOTER_LEN])
+            tail = tail[-FOOTER_LEN:]
+    ok = len(tail) == FOOTER_LEN and tail.endswith(END_MAGIC) and tail[:32] == h.digest()
+    return ok, n
+
+
 # --------------------------------------------------------------------------- reading
+
+
+class Source(Protocol):
+    """Where a pack is read from: a binary file, or anything with its read()."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 class _Stream:
     """Reads exactly n bytes or raises TruncatedPack; hashes what it reads."""
 
-    def __init__(self, src: BinaryIO, where: str) -> None:
+    def __init__(self, src: Source, where: str) -> None:
         self._src = src
         self._where = where
         self.hash = blake3.blake3()
@@ -343,7 +410,7 @@ class PackReader:
     footer (digest and signature) after the last record. Callers must treat
     records as unconfirmed until ``records()`` finishes without raising."""
 
-    def __init__(self, src: BinaryIO, where: str, trust: Callable[[Header], bytes]) -> None:
+    def __init__(self, src: Source, where: str, trust: Callable[[Header], bytes]) -> None:
         """``trust`` returns the key that must have signed this pack, or raises UntrustedPack."""
         self._s = _Stream(src, where)
         self.where = where
@@ -468,5 +535,7 @@ def new_pack_id() -> bytes:
 
 
 __all__ = [
-    "BLOB", "ID_LEN", "Header", "PackReader", "PackWriter", "Record", "new_pack_id",
+    "BLOB", "ID_LEN", "Hashed", "Header", "PackReader", "PackWriter", "Record", "empty_size", "file_hash",
+    "footer_matches",
+    "new_pack_id",
 ]

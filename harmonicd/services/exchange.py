@@ -5,7 +5,11 @@ A stick (or any folder) holds a mailbox ``HARMONIC/``::
     HARMONIC/README.txt                 what this is, for whoever finds the stick
     HARMONIC/to-master/<pack files>     requests and data from school servers
     HARMONIC/to-<school id>/<pack files> answers from the master to that school
+    HARMONIC/to-everyone/<pack files>   the master's latest releases for every school
     HARMONIC/RECEIPT-<server id>.txt    what each server did at its last visit
+
+A visit of the mailbox (what is read, written, checked, in which order) is
+services/stick.py; this module reads and writes the packs.
 
 A pack file is ``<sender>-<time>-<pack id>-v<volume>.hpk``; it is written as
 ``.<name>.part``, flushed and renamed, so a stick pulled early leaves only a
@@ -28,7 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from harmonicd.core import names
 from harmonicd.core.codec import Compressor, delta_compress, pack_msg, unpack_msg
@@ -50,7 +54,7 @@ from harmonicd.core.objects import (
     decode_tree,
     short,
 )
-from harmonicd.core.pack import Header, PackReader, PackWriter, new_pack_id
+from harmonicd.core.pack import Hashed, Header, PackReader, PackWriter, empty_size, new_pack_id
 from harmonicd.core.release import SignedRelease, decode
 from harmonicd.errors import (
     CorruptPack,
@@ -58,14 +62,15 @@ from harmonicd.errors import (
     HarmonicError,
     IntegrityError,
     Misaddressed,
+    NoRoom,
     PackError,
+    StickRemoved,
     StoreError,
     TrustError,
     UntrustedPack,
 )
 from harmonicd.services import deploy as deploy_mod
 from harmonicd.services.deploy import default_path, union_tree
-from harmonicd.services.publish import publish_changed_sources
 from harmonicd.store import durable
 from harmonicd.store.db import Collection, ReleaseRow
 from harmonicd.store.faults import crash_point
@@ -85,6 +90,9 @@ MAX_FOLDER_ENTRIES = 10_000
 MAX_PARTIAL = 200_000
 # A patch is used only if it saves at least this share of the plain blob.
 DELTA_GAIN = 0.9
+
+
+Digest = bytes  # BLAKE3-256 of a whole pack file
 
 
 def to_folder(recipient: str | None) -> str:
@@ -117,6 +125,10 @@ class ExportResult:
     objects: int = 0
     raw_bytes: int = 0
     bytes: int = 0
+    sums: dict[str, Digest] = field(default_factory=dict)  # file -> BLAKE3 of its bytes, computed while writing
+    left_objects: int = 0  # planned but left out: no room (they go next time)
+    left_bytes: int = 0  # their payload bytes
+    stick_bytes: int = 0  # what the files take of the budget (whole blocks)
 
 
 @dataclass
@@ -255,13 +267,40 @@ def _assess(store: Store, h: Header, where: str) -> list[Decision]:
 # --------------------------------------------------------------------------- import
 
 
-def open_pack(path: str) -> Any:
+class _Media:
+    """A pack file being read from removable media: a read that fails because the
+    stick went away says so (StickRemoved), which no other error must hide."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._f.read(n)
+        except OSError as exc:
+            if exc.errno in durable.MEDIA_GONE:
+                raise StickRemoved("import") from exc
+            raise
+
+    def __enter__(self) -> _Media:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+
+
+def open_pack(path: str) -> _Media:
     """Open a pack file on untrusted media: no symlinks, no FIFOs, no devices, bounded size."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise PackError(f"{path}: is a symbolic link, not a pack file; not read") from None
+        if exc.errno in durable.MEDIA_GONE:
+            raise StickRemoved("import") from exc
         raise PackError(f"{path}: cannot open ({exc.strerror})") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -271,7 +310,7 @@ def open_pack(path: str) -> Any:
         os.close(fd)
         raise PackError(f"{path}: is {st.st_size} bytes, larger than any pack volume; not read")
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb", buffering=1 << 20)
+    return _Media(os.fdopen(fd, "rb", buffering=1 << 20))
 
 
 def import_pack(store: Store, path: str, how: str = "stick",
@@ -714,11 +753,40 @@ def _pack_name(sender: str, created: int, pack_id: bytes, volume: int) -> str:
     return f"{sender}-{stamp}-{pack_id.hex()[:12]}-v{volume:03d}{SUFFIX}"
 
 
+def planned(store: Store, out: Outgoing) -> list[Want]:
+    """What a pack for out holds, in the order it is written (core/diff.py)."""
+    return plan(store, out.roots, out.known, out.held)
+
+
+def need_bytes(wants: list[Want]) -> int:
+    """About what those objects take in a pack before compression (trees are
+    sized only when read: a few hundred bytes each)."""
+    return sum(w.size + REC_OVERHEAD for w in wants)
+
+
+# Bytes a record takes besides its payload, about (record head; a tree's own size).
+REC_OVERHEAD = 96
+
+
+def on_disk(size: int, block: int) -> int:
+    """What a file of size bytes takes of a file system that allocates whole blocks."""
+    return -(-size // block) * block if block > 1 else size
+
+
 def write_packs(store: Store, out: Outgoing, folder: str,
-                progress: Callable[[int], None] | None = None) -> ExportResult:
-    """Write the pack for out.recipient into folder, in volumes of at most volume_size bytes."""
+                progress: Callable[[int], None] | None = None, *,
+                wants: list[Want] | None = None, budget: int | None = None, block: int = 1) -> ExportResult:
+    """Write the pack for out.recipient into folder, in volumes of at most volume_size bytes.
+
+    With a budget (bytes of the folder's file system, counted in whole blocks of
+    ``block`` bytes), the pack takes no more than that: objects that would not
+    fit are left out (res.left_objects, res.left_bytes) and the next pack, planned
+    from the receiver's next request, carries them; smaller objects further on
+    may still fit. A budget too small for the pack's header raises NoRoom
+    before anything is written."""
     cfg = store.cfg
-    wants = plan(store, out.roots, out.known, out.held)
+    if wants is None:
+        wants = planned(store, out)
     total = sum(w.size for w in wants)
     res = ExportResult(out.recipient or ("master" if out.recipient_key else "everyone"))
     res.releases = [f"{r.name} release {r.seq}" for r in out.releases]
@@ -729,8 +797,10 @@ def write_packs(store: Store, out: Outgoing, folder: str,
     written: list[str] = []
     writer: PackWriter | None = None
     f: durable.WriteBehind | None = None
+    sink: Hashed | None = None
     tmp = final = ""
     comp = Compressor()
+    spent = 0  # what the closed volumes take of the budget
 
     def header(v: int) -> Header:
         return Header(pack_id=pack_id, sender=cfg.id, sender_key=store.key.public,
@@ -738,21 +808,30 @@ def write_packs(store: Store, out: Outgoing, folder: str,
                       volume=v, have=out.have, releases=[(r.body, r.sig) for r in out.releases],
                       acks=out.acks, plan={"objects": len(wants), "bytes": total})
 
+    # A volume number takes at most 5 bytes more than the first one's.
+    bare = empty_size(header(1)) + 8
+    if budget is not None and on_disk(bare, block) > budget:
+        raise NoRoom(f"no room in {folder} for the pack for {res.recipient}: about "
+                            f"{durable.mib(bare + need_bytes(wants))} needed, {durable.mib(max(budget, 0))} "
+                            "free; nothing was written")
+
     def open_volume() -> PackWriter:
-        nonlocal volume, f, tmp, final
+        nonlocal volume, f, sink, tmp, final
         volume += 1
         final = os.path.join(folder, _pack_name(cfg.id, created, pack_id, volume))
         tmp = os.path.join(folder, "." + os.path.basename(final) + ".part")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         f = durable.WriteBehind(fd)
-        w = PackWriter(f, store.key, header(volume), pool, depth=6)
+        sink = Hashed(f)
+        w = PackWriter(sink, store.key, header(volume), pool, depth=6)
         if w.worst_case_size() > cfg.volume_size:
             raise HarmonicError(f"packs.volume_size {cfg.volume_size} is too small for this pack's header")
         return w
 
     def close_volume(w: PackWriter, last: bool) -> None:
-        nonlocal f
+        nonlocal f, spent
         assert f is not None
+        assert sink is not None
         w.close(last=last)
         f.sync()
         f.close()
@@ -761,21 +840,43 @@ def write_packs(store: Store, out: Outgoing, folder: str,
         os.replace(tmp, final)
         durable.fsync_dir(folder)
         written.append(final)
+        res.sums[final] = sink.hash.digest()
         res.bytes += w.written
         res.objects += w.objects
         res.raw_bytes += w.raw_bytes
+        spent += on_disk(w.written, block)
+
+    def fits(w: PackWriter, rec_len: int, new_volume: bool) -> bool:
+        if budget is None:
+            return True
+        if new_volume:
+            return spent + on_disk(w.worst_case_size(), block) + on_disk(bare + rec_len, block) <= budget
+        return spent + on_disk(w.worst_case_size(rec_len), block) <= budget
+
+    def leave_out(n: int) -> None:
+        res.left_objects += 1
+        res.left_bytes += n
 
     try:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zstd") as pool:
             writer = open_volume()
             for want in wants:
+                # What surely cannot fit is not even read (a full stick, a long plan left).
+                if (budget is not None and want.kind != TREE and want.base is None
+                        and not fits(writer, want.size + 64, False) and not fits(writer, want.size + 64, True)):
+                    leave_out(want.size)
+                    continue
                 kind, payload = store.objects.get(want.id)
                 rec_len, patch = len(payload), None
                 if want.base is not None and len(payload) > 64:
                     patch = _delta(store, want, payload, comp)
                     if patch is not None:
                         rec_len = len(patch) + 80
-                if writer.worst_case_size(rec_len + 64) > cfg.volume_size and writer.objects:
+                new_volume = writer.worst_case_size(rec_len + 64) > cfg.volume_size and writer.objects > 0
+                if not fits(writer, rec_len + 64, new_volume):
+                    leave_out(len(payload))
+                    continue
+                if new_volume:
                     close_volume(writer, last=False)
                     writer = open_volume()
                     if writer.worst_case_size(rec_len + 64) > cfg.volume_size:
@@ -789,26 +890,42 @@ def write_packs(store: Store, out: Outgoing, folder: str,
                     progress(len(payload))
             close_volume(writer, last=True)
     except OSError as exc:
-        if f is not None:
-            f.close()
-        _unlink(tmp)
-        for p in written:
-            _unlink(p)
+        _abandon(f, tmp, written)
         if exc.errno == errno.EROFS:
             raise StoreError(f"{folder}: the stick is write-protected; nothing was written") from exc
-        raise durable.disk_error(exc, "writing the pack", total, folder) from exc
+        if exc.errno in durable.MEDIA_GONE:
+            raise StickRemoved("export") from exc
+        raise durable.disk_error(exc, f"writing the pack for {res.recipient}", total + bare, folder,
+                                 "nothing was written") from exc
     except BaseException:
-        if f is not None:
-            f.close()
-        _unlink(tmp)
-        for p in written:
-            _unlink(p)
+        _abandon(f, tmp, written)
         raise
     res.files = written
+    res.stick_bytes = spent
+    if out.recipient_key is None:
+        # A pack for anyone (to-everyone/ on a stick, a shared pack online) is
+        # published rather than sent: there is no one to record it against, and
+        # writing one changes nothing of this server's state.
+        return res
     with store.db.tx():
         for i in range(1, volume + 1):
             store.db.record_pack(pack_id, i, "out", res.recipient, created, res.objects, res.bytes)
     return res
+
+
+def _abandon(f: durable.WriteBehind | None, tmp: str, written: list[str]) -> None:
+    """Remove what a failed write left: the volume being written and those before
+    it (a partial set is no use; a stick that is gone is left as it is)."""
+    if f is not None:
+        try:
+            f.close()
+        except OSError:
+            pass
+    for p in [tmp, *written]:
+        try:
+            _unlink(p)
+        except OSError as exc:
+            log.info("could not remove %s: %s", p, exc.strerror)
 
 
 def _delta(store: Store, want: Want, payload: bytes, comp: Compressor) -> bytes | None:
@@ -885,81 +1002,6 @@ def _remove_imported(path: str) -> None:
         log.info("could not remove %s after import: %s", path, exc.strerror)
 
 
-README = """Harmonic sync folder
-====================
-
-This folder carries data between school servers and the Harmonic master.
-Please do not change or delete anything in it.
-
-- to-master/        packs from school servers for the master
-- to-<school>/      packs from the master for that school server
-- RECEIPT-*.txt     what each server received and sent at its last visit
-
-Each pack proves by itself that it is complete: if the stick is pulled out
-too early, nothing is lost; the next visit simply does the work again.
-"""
-
-
-def exchange(store: Store, folder: str, progress: Callable[[int], None] | None = None) -> ExchangeReport:
-    """Do with folder what the daemon does with a stick mounted there."""
-    box = os.path.join(folder, MAILBOX)
-    _real_dir(box)
-    rep = ExchangeReport()
-    cfg = store.cfg
-    inbox = os.path.join(box, TO_MASTER if cfg.is_master else to_folder(cfg.id))
-    if os.path.lexists(inbox):
-        _real_dir(inbox)
-    packs, problems = list_packs(inbox)
-    rep.refused += problems
-    answered: set[str] = set()
-    for p in packs:
-        try:
-            r = import_pack(store, p, "stick", progress)
-        except Misaddressed:
-            continue  # another server's pack in a shared folder: left alone
-        except (PackError, TrustError) as exc:
-            if not os.path.lexists(p):
-                # Gone since the folder was listed (its writer replaced it with a
-                # newer pack, in a folder several servers use): nothing to refuse.
-                continue
-            # One line naming the pack and why (a release or tree check deep
-            # down does not know which file it came from).
-            msg = str(exc)
-            rep.refused.append(msg if msg.startswith(p) else f"{p}: {msg}")
-            continue
-        rep.imported.append(r)
-        answered.add(r.sender)
-        crash_point("pack-imported")
-        _remove_imported(p)
-    try:
-        _write_readme(box)
-        if cfg.is_master:
-            for school in sorted(answered):
-                out = for_school(store, school)
-                dest = os.path.join(box, to_folder(school))
-                res = write_packs(store, out, dest, progress)
-                _supersede(dest, cfg.id, res.files)
-                rep.exported.append(res)
-        else:
-            rep.published = publish_changed_sources(store)
-            out = for_master(store)
-            dest = os.path.join(box, TO_MASTER)
-            res = write_packs(store, out, dest, progress)
-            _supersede(dest, cfg.id, res.files)
-            rep.exported.append(res)
-        rep.waiting = waiting(store)
-        write_receipt(store, box, rep)
-    except OSError as exc:
-        if exc.errno == errno.EROFS:
-            raise StoreError(f"{box}: the stick is write-protected; what it carried was imported, "
-                             "nothing could be written back") from exc
-        raise StoreError(f"{box}: cannot write to the stick ({exc.strerror})") from exc
-    from harmonicd.services.maintenance import gc
-
-    gc(store)
-    return rep
-
-
 def _real_dir(path: str) -> None:
     """Create path if needed and make sure it is a real folder: a stick may carry a
     symbolic link named like our folders, pointing anywhere on this server."""
@@ -978,56 +1020,3 @@ def _real_dir(path: str) -> None:
         raise StoreError(f"{path}: cannot create the sync folder (read-only stick?)") from None
     if not stat.S_ISDIR(st.st_mode):
         raise StoreError(f"{path}: is not a folder (a link or a file where the sync folder should be)")
-
-
-def _write_readme(box: str) -> None:
-    path = os.path.join(box, "README.txt")
-    if not os.path.exists(path):
-        durable.atomic_write(path, README.encode())
-
-
-def waiting(store: Store) -> list[str]:
-    out = []
-    for c in store.db.collections():
-        if c.mode == "owned" and not store.cfg.is_master and c.seq > c.acked_seq:
-            out.append(f"{c.collection} releases {c.acked_seq + 1}..{c.seq} not yet confirmed by the master")
-    for row in store.db.releases(state="pending"):
-        out.append(f"{row.name} release {row.seq} is incomplete; the rest comes next time")
-    return out
-
-
-def write_receipt(store: Store, box: str, rep: ExchangeReport) -> None:
-    cfg = store.cfg
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    role = "master server" if cfg.is_master else "school server"
-    lines = [f"Harmonic receipt of {cfg.id} ({role})", f"Visit: {when}", "", "Received:"]
-    got = False
-    for r in rep.imported:
-        for a in r.applied:
-            lines.append(f"  {a} from {r.sender}: now in use")
-            got = True
-        for a in r.pending:
-            lines.append(f"  {a} from {r.sender}: kept, not yet complete")
-            got = True
-        for a in r.acked:
-            lines.append(f"  confirmation from {r.sender} that it holds {a}")
-            got = True
-        for w in r.warnings:
-            lines.append(f"  note: {w}")
-            got = True
-        if not (r.applied or r.pending or r.acked or r.warnings):
-            lines.append(f"  a pack from {r.sender} with nothing new ({durable.mib(r.bytes)})")
-            got = True
-    if not got:
-        lines.append("  nothing")
-    lines += ["", "Sent:"]
-    for e in rep.exported:
-        what = ", ".join(e.releases) or "its current state (a request)"
-        lines.append(f"  to {e.recipient}: {what}; {durable.mib(e.bytes)} in {len(e.files)} pack file(s)")
-    if not rep.exported:
-        lines.append("  nothing")
-    lines += ["", "Refused:"] + ([f"  {x}" for x in rep.refused] or ["  nothing"])
-    lines += ["", "Still waiting:"] + ([f"  {x}" for x in rep.waiting] or ["  nothing"])
-    lines.append("")
-    durable.atomic_write(os.path.join(box, f"RECEIPT-{cfg.id}.txt"), "\n".join(lines).encode())
-

@@ -19,9 +19,14 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from harmonicd.core.pack import file_hash
 from harmonicd.errors import DiskFullError, StoreError
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+# What a removable stick answers once it is gone: a FUSE mount whose process
+# died (ENOTCONN), a device pulled out (EIO, ENODEV, ENXIO), a transport shut down.
+MEDIA_GONE = frozenset({errno.ENOTCONN, errno.EIO, errno.ENODEV, errno.ENXIO, errno.ESHUTDOWN})
 
 
 def syncfs(path: str | os.PathLike[str]) -> None:
@@ -31,6 +36,20 @@ def syncfs(path: str | os.PathLike[str]) -> None:
         if _libc.syncfs(fd) != 0:
             e = ctypes.get_errno()
             raise OSError(e, f"syncfs failed: {os.strerror(e)}", str(path))
+    finally:
+        os.close(fd)
+
+
+def read_back(path: str, chunk: int = 1 << 20) -> tuple[bytes, int]:
+    """The BLAKE3 digest and length of a file as its device returns it, not as the
+    page cache remembers it: the file's clean pages are dropped first (call after
+    syncfs, when all of them are clean), so a stick that lost what it was given
+    (fake capacity, failing flash) shows it here."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            return file_hash(f, chunk)
     finally:
         os.close(fd)
 

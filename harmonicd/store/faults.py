@@ -1,4 +1,5 @@
-"""Named crash points for the crash tests (RELIABILITY.md §3.5).
+"""Named crash points for the crash tests (RELIABILITY.md §3.5), and named
+hooks for in-process fault tests.
 
 ``HARMONICD_CRASH_AT=name`` (or ``name:N`` for the N-th time the point is
 reached) makes the process SIGKILL itself there, so a test can stop an
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 _spec = os.environ.get("HARMONICD_CRASH_AT", "")
 _name, _, _nth = _spec.partition(":")
@@ -35,3 +37,28 @@ def crash_point(name: str) -> None:
     _seen += 1
     if _seen == _count:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+HOOKS = (
+    "stick-room",    # a visit measured the stick's free space, before it writes (arg: the mailbox path)
+    "stick-synced",  # a visit wrote and flushed its packs, before it reads them back (arg: their paths)
+)
+_hooks: dict[str, Callable[[object], None]] = {}
+
+
+def set_hook(name: str, fn: Callable[[object], None] | None) -> None:
+    """For a test in the same process: call fn(arg) when the code reaches the
+    hook (damage a stick between write and read-back, fill it up after its
+    free space was measured); None removes it."""
+    if name not in HOOKS:
+        raise ValueError(f"unknown hook {name!r}")
+    if fn is None:
+        _hooks.pop(name, None)
+    else:
+        _hooks[name] = fn
+
+
+def fault_hook(name: str, arg: object) -> None:
+    fn = _hooks.get(name)
+    if fn is not None:
+        fn(arg)

@@ -1,0 +1,508 @@
+"""A visit of a stick: what the daemon does with a stick it finds mounted and
+what `harmonicctl exchange DIR` does with a folder, in one place.
+
+The order (RELIABILITY.md §3.6, "Packs on a stick"):
+
+1. Whose stick: a stick without ``HARMONIC/`` is written to only with consent
+   (a person typing `exchange DIR`, or ``[media] adopt_blank``); otherwise
+   NotPrepared, and nothing is written.
+2. Import: the packs addressed to this server (``to-master/`` on the master,
+   ``to-<id>/`` and ``to-everyone/`` on a school). Each is verified whole
+   before anything is applied (services/exchange.py).
+3. Export within the room the stick has: its free space less a margin
+   (``[media] free_margin``) and a little for the receipt. What does not fit
+   is left out, most useful first (core/diff.py's order) and goes next trip:
+   the receiver keeps what arrived and lists it in its next request, so
+   nothing is sent twice. On the master the room is shared fairly between the
+   schools answered (water-filling: a school that needs less than an equal
+   share takes what it needs, the others split the rest); then, if the
+   latest releases for every school fit whole, they go to ``to-everyone/``
+   (a pack with no recipient), so a school that left no request on this stick
+   is brought up to date too. A school server with an upstream relays for the
+   other schools whose requests are on the stick (services/relay.py).
+4. ``syncfs``, then every file written is read back with its cached pages
+   dropped and checked against the hash taken while it was written: a stick
+   that does not keep what it was given (fake capacity, failing flash) is
+   caught here, its bad files removed, and the visit fails (StickUnreliable).
+5. The receipt, in plain words: for which school what was received, what was
+   sent, when, and what is still waiting.
+
+A stick that goes away (ENOTCONN from a dead FUSE mount, EIO, ENODEV) raises
+StickRemoved: what was in flight is not marked done, and the next insertion
+does it again. A read-only stick is imported from, then the visit fails with
+"write-protected".
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from harmonicd.core.diff import Want
+from harmonicd.core.pack import footer_matches
+from harmonicd.errors import (
+    DiskFullError,
+    Misaddressed,
+    NoRoom,
+    NotPrepared,
+    PackError,
+    StickRemoved,
+    StickUnreliable,
+    StoreError,
+    TrustError,
+)
+from harmonicd.services import relay
+from harmonicd.services.exchange import (
+    MAILBOX,
+    TO_MASTER,
+    ExchangeReport,
+    ExportResult,
+    Outgoing,
+    _real_dir,
+    _remove_imported,
+    _supersede,
+    for_master,
+    for_school,
+    import_pack,
+    lacking,
+    list_packs,
+    need_bytes,
+    planned,
+    stored_have,
+    to_folder,
+    write_packs,
+)
+from harmonicd.services.publish import publish_changed_sources
+from harmonicd.store import durable
+from harmonicd.store.db import Collection
+from harmonicd.store.faults import crash_point, fault_hook
+from harmonicd.store.store import Store
+
+log = logging.getLogger("harmonicd.stick")
+
+TO_EVERYONE = "to-everyone"
+# Kept free besides the margin: the receipt, the README and new folder entries.
+RECEIPT_ROOM = 256 << 10
+
+README = """Harmonic sync folder
+====================
+
+This folder carries data between school servers and the Harmonic master.
+Please do not change or delete anything in it.
+
+- to-master/        packs from school servers for the master
+- to-<school>/      packs from the master for that school server
+- to-everyone/      the master's latest content for every school
+- RECEIPT-*.txt     what each server received and sent at its last visit
+
+Each pack proves by itself that it is complete: if the stick is pulled out
+too early, nothing is lost; the next visit simply does the work again.
+"""
+
+
+@dataclass
+class VisitReport:
+    report: ExchangeReport
+    verified_files: int = 0  # pack files read back past the page cache and found as written
+    verified_bytes: int = 0
+    left_over: list[str] = field(default_factory=list)  # what did not fit: goes next trip, in plain words
+
+
+# --------------------------------------------------------------------------- whose stick
+
+
+def is_prepared(folder: str) -> bool:
+    """The stick holds a HARMONIC/ folder (a real one, not a link): it is ours to write."""
+    try:
+        return stat.S_ISDIR(os.lstat(os.path.join(folder, MAILBOX)).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def prepare(folder: str) -> str:
+    """Make folder (a stick's top) a Harmonic mailbox: HARMONIC/ and its README.
+    Returns the mailbox's path. Nothing else on the stick is touched."""
+    if not os.path.isdir(folder):
+        raise StoreError(f"{folder}: is not a folder")
+    box = os.path.join(folder, MAILBOX)
+    try:
+        _real_dir(box)
+        _write_readme(box)
+        durable.fsync_dir(folder)
+    except StoreError as exc:
+        if _read_only(folder):
+            raise StoreError(f"{folder}: the stick is write-protected; it cannot be prepared") from exc
+        raise
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise StoreError(f"{folder}: the stick is write-protected; it cannot be prepared") from exc
+        raise StoreError(f"{folder}: cannot prepare the stick ({exc.strerror})") from exc
+    return box
+
+
+def _write_readme(box: str) -> None:
+    path = os.path.join(box, "README.txt")
+    if not os.path.exists(path):
+        durable.atomic_write(path, README.encode())
+
+
+def _read_only(folder: str) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+@contextmanager
+def _on_stick(during: str, box: str) -> Iterator[None]:
+    """Errors of the stick itself, each as one line: gone, write-protected, other."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in durable.MEDIA_GONE:
+            raise StickRemoved(during) from exc
+        if exc.errno == errno.EROFS:
+            raise StoreError(f"{box}: the stick is write-protected; what it carried was imported, "
+                             "nothing could be written back") from exc
+        raise StoreError(f"{box}: cannot use the stick during {during} ({exc.strerror})") from exc
+
+
+# --------------------------------------------------------------------------- the visit
+
+
+def visit(store: Store, folder: str, progress: Callable[[int], None] | None, *, consent: bool,
+          read_back: bool = True, free_margin: int | None = None,
+          forward: Callable[[], str | None] | None = None,
+          on_total: Callable[[int], None] | None = None) -> VisitReport:
+    """Exchange with the stick (or folder) at folder; see the module's docstring.
+
+    consent: write to a stick that holds no HARMONIC/ yet (a person typed the
+    command; the daemon passes [media] adopt_blank). free_margin: bytes left
+    free on the stick (None: [media] free_margin). forward: one online sync now,
+    for a relaying school server. on_total: called once with the visit's bytes
+    (packs to read plus bytes planned to write), for an ETA."""
+    cfg = store.cfg
+    box = os.path.join(folder, MAILBOX)
+    with _on_stick("import", box):
+        prepared = is_prepared(folder)
+    if not prepared:
+        if not consent:
+            raise NotPrepared(folder)
+        prepare(folder)
+    _real_dir(box)
+    v = VisitReport(ExchangeReport())
+    rep = v.report
+    with _on_stick("import", box):
+        answered, read = _import_all(store, box, rep, progress)
+    if _read_only(box):
+        raise StoreError(f"{box}: the stick is write-protected; "
+                         + ("what it carried was imported, " if rep.imported else "")
+                         + "nothing could be written back")
+    margin = cfg.media_free_margin if free_margin is None else free_margin
+    with _on_stick("export", box):
+        _write_readme(box)
+        if cfg.is_master:
+            _master_writes(store, box, answered, v, margin, read, progress, on_total)
+        else:
+            _school_writes(store, box, v, margin, read, progress, forward, on_total)
+        rep.waiting = waiting(store)
+        written = [p for e in rep.exported for p in e.files]
+        if written:
+            durable.syncfs(box)
+    fault_hook("stick-synced", written)
+    if written and read_back:
+        with _on_stick("export", box):
+            _read_back(box, v)
+    with _on_stick("export", box):
+        write_receipt(store, box, v)
+    from harmonicd.services.maintenance import gc
+
+    gc(store)
+    return v
+
+
+def _import_all(store: Store, box: str, rep: ExchangeReport, progress: Callable[[int], None] | None
+                ) -> tuple[set[str], int]:
+    """Import what is addressed to this server. Returns the senders answered (on
+    the master: the schools whose requests were read) and the bytes read."""
+    cfg = store.cfg
+    answered: set[str] = set()
+    read = 0
+    folders = [(TO_MASTER, True)] if cfg.is_master else [(to_folder(cfg.id), True), (TO_EVERYONE, False)]
+    for name, remove in folders:
+        inbox = os.path.join(box, name)
+        if os.path.lexists(inbox):
+            _real_dir(inbox)
+        packs, problems = list_packs(inbox)
+        rep.refused += problems
+        for p in packs:
+            try:
+                r = import_pack(store, p, "stick", progress)
+            except Misaddressed:
+                continue  # another server's pack in a shared folder: left alone
+            except (PackError, TrustError) as exc:
+                if not os.path.lexists(p):
+                    # Gone since the folder was listed (its writer replaced it with a
+                    # newer pack, in a folder several servers use): nothing to refuse.
+                    continue
+                # One line naming the pack and why (a release or tree check deep
+                # down does not know which file it came from).
+                msg = str(exc)
+                rep.refused.append(msg if msg.startswith(p) else f"{p}: {msg}")
+                continue
+            answered.add(r.sender)
+            read += r.bytes
+            if not remove:
+                # to-everyone/ is for every school that comes by: never removed by
+                # a school, and seen once it is quietly passed over.
+                if not r.duplicate:
+                    rep.imported.append(r)
+                continue
+            rep.imported.append(r)
+            crash_point("pack-imported")
+            _remove_imported(p)
+    return answered, read
+
+
+def _room(box: str, margin: int) -> tuple[int, int]:
+    """Bytes this visit may write on the stick, and its allocation unit."""
+    st = os.statvfs(box)
+    block = st.f_frsize or st.f_bsize or 1
+    return st.f_bavail * block - margin - RECEIPT_ROOM, block
+
+
+def _master_writes(store: Store, box: str, answered: set[str], v: VisitReport, margin: int, read: int,
+                   progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None) -> None:
+    cfg = store.cfg
+    schools = sorted(s for s in answered if s != cfg.id)
+    # This visit's answers and broadcast replace the master's older ones (planned
+    # from older requests): they go first, so that their room counts as free.
+    for school in schools:
+        _supersede(os.path.join(box, to_folder(school)), cfg.id, [])
+    _supersede(os.path.join(box, TO_EVERYONE), cfg.id, [])
+    room, block = _room(box, margin)
+    answers = []
+    for school in schools:
+        out = for_school(store, school)
+        wants = planned(store, out)
+        answers.append((need_bytes(wants), school, out, wants))
+    if on_total:
+        on_total(read + max(0, min(room, sum(a[0] for a in answers))))
+    fault_hook("stick-room", box)
+    # Fair shares: the smallest answers first, each taking at most an equal share
+    # of what is left, so what one does not use goes to the others.
+    answers.sort(key=lambda a: (a[0], a[1]))
+    for i, (need, school, out, wants) in enumerate(answers):
+        share = max(0, room) // (len(answers) - i)
+        res = _write(store, box, to_folder(school), out, wants, share, block, progress, v, school, need)
+        if res is not None:
+            room -= res.stick_bytes
+    _broadcast(store, box, schools, room, block, progress, v)
+
+
+def _broadcast(store: Store, box: str, answered: list[str], room: int, block: int,
+               progress: Callable[[int], None] | None, v: VisitReport) -> None:
+    """The latest releases for everyone that some enrolled school which left no
+    request on this stick lacks (by what it last said it holds; a school never
+    heard from lacks all), whole, into to-everyone/: a pack with no recipient,
+    which any school of this master may take. Only if it fits whole: half a
+    release for schools that did not ask is worth less than the room."""
+    db = store.db
+    colls = [c for c in db.collections() if c.mode == "owned" and c.target is None and c.root is not None]
+    lacked: dict[str, Collection] = {}
+    for peer in db.peers("node"):
+        if peer.revoked or peer.id in answered:
+            continue
+        held, _partial = stored_have(peer.have)
+        for c in colls:
+            theirs = held.get(f"{c.owner}/{c.collection}")
+            if theirs is None or theirs[0] < c.seq:
+                lacked[c.name] = c
+    releases, roots, _known = lacking(store, sorted(lacked.values(), key=lambda c: c.name), {})
+    if not releases:
+        return
+    out = Outgoing(recipient=None, recipient_key=None, releases=releases, roots=roots, known=set(), held=set(),
+                   acks=[], have={})
+    wants = planned(store, out)
+    need = need_bytes(wants)
+    what = ", ".join(f"{r.name} release {r.seq}" for r in releases)
+    no_room = f"for every school: {what} ({durable.mib(need)}) did not fit; not put on this stick"
+    if need > room:
+        v.left_over.append(no_room)
+        return
+    dest = os.path.join(box, TO_EVERYONE)
+    try:
+        res = write_packs(store, out, dest, progress, wants=wants, budget=room, block=block)
+    except NoRoom:
+        v.left_over.append(no_room)
+        return
+    if res.left_objects:
+        for p in res.files:
+            os.unlink(p)
+        durable.fsync_dir(dest)
+        v.left_over.append(no_room)
+        return
+    res.recipient = "every school"
+    v.report.exported.append(res)
+
+
+def _school_writes(store: Store, box: str, v: VisitReport, margin: int, read: int,
+                   progress: Callable[[int], None] | None, forward: Callable[[], str | None] | None,
+                   on_total: Callable[[int], None] | None) -> None:
+    cfg = store.cfg
+    rep = v.report
+    dest = os.path.join(box, TO_MASTER)
+    # This server's older requests are replaced by the one written now.
+    _supersede(dest, cfg.id, [])
+    room, block = _room(box, margin)
+    if cfg.upstream_url:
+        # Online, this server answers the other schools whose requests are on the
+        # stick (they have no other way); its own request could go online.
+        exported, refused = relay.for_stick(store, box, max(0, room), progress, forward)
+        rep.exported += exported
+        rep.refused += refused
+        room, block = _room(box, margin)
+    rep.published = publish_changed_sources(store)
+    out = for_master(store)
+    wants = planned(store, out)
+    need = need_bytes(wants)
+    if on_total:
+        on_total(read + max(0, min(room, need)))
+    fault_hook("stick-room", box)
+    master = out.recipient or "the master"
+    res = _write(store, box, TO_MASTER, out, wants, max(0, room), block, progress, v, master, need)
+    if res is None and not cfg.upstream_url:
+        free = max(0, room + margin + RECEIPT_ROOM)
+        raise DiskFullError(
+            f"{box}: the stick is full: about {durable.mib(need + 4096)} needed for {cfg.id}'s request, "
+            f"{durable.mib(free)} free ({durable.mib(margin + RECEIPT_ROOM)} kept free); nothing was written"
+            + ("; what it carried was imported" if rep.imported else ""))
+
+
+def _write(store: Store, box: str, folder: str, out: Outgoing, wants: list[Want], budget: int, block: int,
+           progress: Callable[[int], None] | None, v: VisitReport, who: str, need: int) -> ExportResult | None:
+    """One recipient's pack within budget; what did not fit is noted for the receipt.
+    None if not even its header fitted."""
+    try:
+        res = write_packs(store, out, os.path.join(box, folder), progress, wants=wants, budget=budget, block=block)
+    except NoRoom:
+        v.left_over.append(f"for {who}: everything ({durable.mib(need)}) did not fit on this stick; "
+                           "it goes on the next trip")
+        return None
+    v.report.exported.append(res)
+    if res.left_objects:
+        what = ", ".join(res.releases) or "its data"
+        v.left_over.append(f"for {who}: {durable.mib(res.left_bytes)} more of {what} did not fit on this stick "
+                           f"({res.left_objects} objects); it goes on the next trip")
+    return res
+
+
+# --------------------------------------------------------------------------- read-back
+
+
+def _read_back(box: str, v: VisitReport) -> None:
+    """Read every file written back from the stick itself and check it (the
+    caller ran syncfs, so every page is clean and can be dropped)."""
+    bad: list[str] = []
+    total = 0
+    for e in v.report.exported:
+        for p in list(e.files):
+            total += 1
+            want = e.sums.get(p)
+            try:
+                if want is not None:
+                    got, n = durable.read_back(p)
+                    ok = got == want
+                else:
+                    # Copied rather than written here (a relay's copy of the master's
+                    # pack): checked against the pack's own footer digest.
+                    ok, n = _footer_read_back(p)
+            except FileNotFoundError:
+                # Taken already: its receiver works on the same folder (a network
+                # share) and imported it, which checked it whole.
+                continue
+            if ok:
+                v.verified_files += 1
+                v.verified_bytes += n
+                continue
+            log.error("read back from the stick, %s differs from what was written", p)
+            bad.append(p)
+            os.unlink(p)
+            e.files.remove(p)
+    if bad:
+        durable.syncfs(box)
+        names = ", ".join(os.path.basename(p) for p in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        raise StickUnreliable(
+            f"{box}: the stick did not keep what was written ({len(bad)} of {total} pack files read back "
+            f"differ: {names}; removed): fake capacity or failing stick; use another")
+
+
+def _footer_read_back(path: str) -> tuple[bool, int]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            return footer_matches(f)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- the receipt
+
+
+def waiting(store: Store) -> list[str]:
+    out = []
+    for c in store.db.collections():
+        if c.mode == "owned" and not store.cfg.is_master and c.seq > c.acked_seq:
+            out.append(f"{c.collection} releases {c.acked_seq + 1}..{c.seq} not yet confirmed by the master")
+    for row in store.db.releases(state="pending"):
+        out.append(f"{row.name} release {row.seq} is incomplete; the rest comes next time")
+    return out
+
+
+def write_receipt(store: Store, box: str, v: VisitReport) -> None:
+    """RECEIPT-<id>.txt: what this server did at this visit, for a person."""
+    cfg = store.cfg
+    rep = v.report
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    role = "master server" if cfg.is_master else "school server"
+    lines = [f"Harmonic receipt of {cfg.id} ({role})", f"Visit: {when}", "", "Received:"]
+    got = False
+    for r in rep.imported:
+        for a in r.applied:
+            lines.append(f"  {a} from {r.sender}: now in use")
+            got = True
+        for a in r.pending:
+            lines.append(f"  {a} from {r.sender}: kept, not yet complete")
+            got = True
+        for a in r.acked:
+            lines.append(f"  confirmation from {r.sender} that it holds {a}")
+            got = True
+        for w in r.warnings:
+            lines.append(f"  note: {w}")
+            got = True
+        if not (r.applied or r.pending or r.acked or r.warnings or r.duplicate):
+            lines.append(f"  a pack from {r.sender} with nothing new ({durable.mib(r.bytes)})")
+            got = True
+    if not got:
+        lines.append("  nothing")
+    lines += ["", "Sent:"]
+    for e in rep.exported:
+        what = ", ".join(e.releases) or "its current state (a request)"
+        lines.append(f"  to {e.recipient}: {what}; {durable.mib(e.bytes)} in {len(e.files)} pack file(s)")
+    if not rep.exported:
+        lines.append("  nothing")
+    if v.verified_files:
+        lines.append(f"  read back from the stick and checked: {v.verified_files} pack file(s), "
+                     f"{durable.mib(v.verified_bytes)}")
+    lines += ["", "Refused:"] + ([f"  {x}" for x in rep.refused] or ["  nothing"])
+    lines += ["", "Still waiting:"] + ([f"  {x}" for x in v.left_over + rep.waiting] or ["  nothing"])
+    lines.append("")
+    durable.atomic_write(os.path.join(box, f"RECEIPT-{cfg.id}.txt"), "\n".join(lines).encode())
+
