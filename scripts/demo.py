@@ -5,10 +5,19 @@ socket there (set at `harmonicctl init`) and its own real `harmonicd`
 process; the demo drives them only through the real `harmonicctl`:
 
 * the master publishes content;
-* school-1 is kept in step through a folder standing for a USB stick (two
-  trips: content down, then a change set down and statistics up). `exchange`
-  runs in the caller's own process under the store's lock while the daemons
-  run, by design (the daemon may not see the caller's folders);
+* school-1 is kept in step by USB stick, two trips: content down, then a
+  change set down and statistics up. The first trip goes through a folder
+  standing for a stick and the typed `harmonicctl exchange DIR` (it runs in
+  the caller's own process under the store's lock while the daemons run, by
+  design: the daemon may not see the caller's folders). The second goes
+  through the daemons themselves when the demo runs as root: a real stick
+  (an ext4 image on a loop device) is inserted at school-1, then at the
+  master, then at school-1 again; `harmonicd-mount` mounts it as the udev
+  rule would have systemd start it (no udevd here), the daemons see it by
+  themselves, and the demo prints what a teacher sees in their status:
+  inserted, busy with progress, safe to remove; then the receipts on the
+  stick. Not root (or no loop devices): the second trip goes through the
+  folder too, and the demo says why;
 * statistics are written into school-1's stats folder while its daemon
   watches it, and the daemon publishes them by itself after a quiet second;
 * school-2 is online: its upstream is the master's HTTP listener on
@@ -19,6 +28,8 @@ process; the demo drives them only through the real `harmonicctl`:
 The demo stops at the first step that fails, ends with `verify`, the status
 of all three servers and a SIGTERM to each daemon (each must exit 0), and
 exits 0 only when every step worked. HARMONIC_DEMO_KEEP=1 keeps the folder.
+Whatever happens, the daemons and mount helpers are stopped, the stick
+unmounted and its loop device detached.
 """
 
 from __future__ import annotations
@@ -44,6 +55,10 @@ HARMONICD = [str(_SCRIPT)] if _SCRIPT.exists() else [
     sys.executable, "-c", "import sys; from harmonicd.daemon import main; sys.exit(main())"]
 QUIET = 1  # seconds a watched folder stays unchanged before the school's daemon publishes it
 WAIT = 60.0  # seconds any wait of the demo may take at most (the machine may be busy)
+_MOUNT_SCRIPT = Path(sys.executable).parent / "harmonicd-mount"
+MOUNT_HELPER = [str(_MOUNT_SCRIPT)] if _MOUNT_SCRIPT.exists() else [sys.executable, "-m", "harmonicd.media.helper"]
+STICK_MIB = 128  # the stick image: room for the answer and the broadcast
+POLL = 0.05  # seconds between looks at a daemon's status while a stick is in
 
 
 class DemoFailed(Exception):
@@ -146,6 +161,157 @@ class Daemon:
         return self.log.read_text(errors="replace").rstrip() if self.log.exists() else ""
 
 
+def sh(*cmd: str) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+    if p.returncode != 0:
+        raise DemoFailed(f"`{' '.join(cmd)}` exited {p.returncode}: {p.stderr.strip()}")
+    return p.stdout
+
+
+def why_no_loop_sticks() -> str | None:
+    """Why the demo cannot insert a real stick here (None: it can)."""
+    if os.geteuid() != 0:
+        return "not run as root (loop devices and mounts need root)"
+    if not os.path.exists("/dev/loop-control"):
+        return "no loop devices here (/dev/loop-control is missing)"
+    for tool, deb in (("losetup", "mount"), ("blkid", "util-linux"), ("mkfs.ext4", "e2fsprogs")):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing (Debian package {deb})"
+    return None
+
+
+def use_sticks(config: Path, base: Path) -> None:
+    """This server takes loop devices as sticks, mounted under base; blank sticks are adopted."""
+    text = config.read_text()
+    for key, value in (("devices", '["loop"]'), ("mount_base", json.dumps(str(base))), ("adopt_blank", "true")):
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text, count=1)
+        if n != 1:
+            raise DemoFailed(f"{config}: no `{key} = ` line in [media] to set")
+    config.write_text(text.replace("[media]\n", "[media]\nwatch = []\n"))
+    base.mkdir(parents=True, exist_ok=True)
+
+
+class Sticks:
+    """Real sticks: an image on a loop device, harmonicd-mount started as the udev rule would
+    have systemd start it. close() undoes everything, whatever failed."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.loops: list[str] = []
+        self.helpers: list[subprocess.Popen[bytes]] = []
+        self.mounts: list[Path] = []
+
+    def image(self, path: Path) -> Path:
+        with open(path, "wb") as f:
+            f.truncate(STICK_MIB << 20)
+        sh("mkfs.ext4", "-q", "-F", str(path))
+        return path
+
+    def attach(self, image: Path) -> str:
+        name = os.path.basename(sh("losetup", "--find", "--show", str(image)).strip())
+        self.loops.append(name)
+        return name
+
+    def pull(self, name: str) -> None:
+        subprocess.run(["losetup", "--detach", f"/dev/{name}"], capture_output=True, check=False)
+        if name in self.loops:
+            self.loops.remove(name)
+
+    def helper(self, config: Path, name: str) -> subprocess.Popen[bytes]:
+        log = open(self.base / f"harmonicd-mount-{config.stem}-{name}.log", "ab")  # noqa: SIM115 (the child's)
+        with log:
+            p = subprocess.Popen([*MOUNT_HELPER, "--config", str(config), f"/dev/{name}"], stdout=log,
+                                 stderr=subprocess.STDOUT)
+        self.helpers.append(p)
+        return p
+
+    def look(self, image: Path, where: Path) -> None:
+        """Mount the image read-only elsewhere, to read what is on it."""
+        where.mkdir(exist_ok=True)
+        sh("mount", "-o", "ro,loop,noload", str(image), str(where))
+        self.mounts.append(where)
+
+    def unlook(self, where: Path) -> None:
+        sh("umount", str(where))
+        self.mounts.remove(where)
+
+    def close(self) -> None:
+        for p in self.helpers:
+            if p.poll() is None:
+                p.terminate()  # as systemd stops the unit: the helper unmounts
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+        for where in self.mounts:
+            subprocess.run(["umount", "--lazy", str(where)], capture_output=True, check=False)
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4]
+            if point.startswith(str(self.base) + "/"):
+                subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
+        for name in list(self.loops):
+            self.pull(name)
+
+
+def teacher_line(who: str, st: dict[str, Any]) -> str:
+    """A stick's status as a person reads it, progress included while it is busy."""
+    line = f"[{who}] stick {st['device']}: {st['message']}"
+    total, done = st.get("total_bytes"), st.get("done_bytes") or 0
+    if st["state"] == "visiting" and total:
+        pct = min(done / total, 1.0) * 100
+        line += f" -- {pct:5.1f}% ({done / (1 << 20):.1f} of {total / (1 << 20):.1f} MiB)"
+        if (st.get("eta_s") or 0) >= 1:
+            line += f", about {int(st['eta_s'])} s left"
+    return line
+
+
+def insert_stick(sticks: Sticks, who: str, config: Path, image: Path) -> dict[str, Any]:
+    """The teacher plugs the stick in, watches the server's status until it says safe to remove,
+    and pulls it. Returns the stick's last status."""
+    from harmonicd import ctlclient
+
+    name = sticks.attach(image)
+    print(f"$ losetup --find --show {image.name}   # the teacher plugs the stick in: /dev/{name}", flush=True)
+    helper = sticks.helper(config, name)
+    say(f"(udev would have systemd start harmonicd-stick@{name}.service: harmonicd-mount /dev/{name})")
+    socket_path = control_socket(config)
+    deadline = time.monotonic() + WAIT
+    shown, shown_line, last_progress = "", "", 0.0
+    while True:
+        _code, st = ctlclient.call(socket_path, "GET", "/v1/status", None, 10)
+        stick = next((s for s in st.get("media", {}).get("sticks", []) if s["device"] == name), None)
+        if stick is not None:
+            line = teacher_line(who, stick)
+            key = f"{stick['state']} {stick['message']}"
+            now = time.monotonic()
+            progress = stick["state"] == "visiting" and stick.get("total_bytes")
+            if key != shown or (progress and line != shown_line and now - last_progress >= 0.3):
+                say(line)
+                shown, shown_line, last_progress = key, line, now
+            if stick["state"] == "safe-to-remove":
+                break
+            if stick["state"] in ("removed-early", "unreadable"):
+                raise DemoFailed(f"{who}: stick {name}: {stick['message']}")
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"{who}: stick {name} not safe to remove after {WAIT:.0f} s: {stick}")
+        time.sleep(POLL)
+    try:
+        helper.wait(30)
+    except subprocess.TimeoutExpired:
+        raise DemoFailed(f"harmonicd-mount for {name} did not exit after the daemon's unmount request") from None
+    sticks.pull(name)
+    print(f"$ losetup --detach /dev/{name}   # the teacher pulls the stick out", flush=True)
+    return dict(stick)
+
+
+def control_socket(config: Path) -> str:
+    m = re.search(r'(?m)^socket = "([^"]+)"', config.read_text())
+    if m is None:
+        raise DemoFailed(f"{config}: no `socket = ` line")
+    return m.group(1)
+
+
 def make_content(root: Path, rng: random.Random) -> None:
     for i in range(40):
         page = root / "pages" / f"lesson-{i:02d}.html"
@@ -157,7 +323,7 @@ def make_content(root: Path, rng: random.Random) -> None:
     (root / "catalog.json").write_text(json.dumps({"lessons": 40, "version": 1}))
 
 
-def run(base: Path, daemons: list[Daemon]) -> None:
+def run(base: Path, daemons: list[Daemon], sticks: Sticks) -> None:
     rng = random.Random(42)
     m_cfg, s1_cfg, s2_cfg = base / "master.toml", base / "school-1.toml", base / "school-2.toml"
     configs = {"master": m_cfg, "school-1": s1_cfg, "school-2": s2_cfg}
@@ -182,6 +348,14 @@ def run(base: Path, daemons: list[Daemon]) -> None:
         set_publish_option(cfg, "quiet_seconds", str(QUIET))
         say(f"{cfg.name}: [publish] quiet_seconds = {QUIET} (watched folders are published after "
             f"{QUIET} s without change)")
+
+    no_loop = why_no_loop_sticks()
+    if no_loop is None:
+        step("USB sticks: school-1 and the master take loop devices as sticks ([media] in their configs)")
+        for sid in ("master", "school-1"):
+            use_sticks(configs[sid], sticks.base / sid)
+            say(f"{configs[sid].name}: [media] devices = [\"loop\"], mount_base = media/{sid}, watch = [], "
+                "adopt_blank = true (a blank stick is used without `harmonicctl stick prepare`)")
 
     step("Start the daemons: `harmonicd --config ...` for each server")
     for sid, cfg in configs.items():
@@ -217,6 +391,8 @@ def run(base: Path, daemons: list[Daemon]) -> None:
     with open(content / "media" / "video.bin", "r+b") as f:
         f.seek(1 << 20)
         f.write(rng.randbytes(64 << 10))
+    # A new film: enough bytes for the stick's progress to show.
+    (content / "media" / "film-2.bin").write_bytes(rng.randbytes(24 << 20))
     ctl(m_cfg, "publish", "content", str(content))
 
     step("Statistics written at school-1 while its daemon watches the folder")
@@ -224,11 +400,11 @@ def run(base: Path, daemons: list[Daemon]) -> None:
     before = seq_of(status_json(s1_cfg), "stats")
     record = json.dumps({"logins": 31, "lessons_opened": 112})
     target = stats / "2026-11-27.json"
-    with open(target, "w") as f:  # written in two parts, as a slow program would
-        f.write(record[:20])
-        f.flush()
+    with open(target, "w") as out:  # written in two parts, as a slow program would
+        out.write(record[:20])
+        out.flush()
         time.sleep(0.3)
-        f.write(record[20:])
+        out.write(record[20:])
     say(f"wrote {target.relative_to(base)} ({len(record)} bytes); waiting for the daemon to publish it")
     t0 = time.monotonic()
     st = wait_status(s1_cfg, lambda st: seq_of(st, "stats") > before and not st["activity"],
@@ -237,10 +413,20 @@ def run(base: Path, daemons: list[Daemon]) -> None:
     say(f"school-1's daemon published stats release {seq_of(st, 'stats')} by itself "
         f"{time.monotonic() - t0:.1f} s later ({last.get('summary', '?')})")
 
-    step("Trip 2: the change set goes down, the statistics come up")
-    ctl(s1_cfg, "exchange", str(stick))
-    ctl(m_cfg, "exchange", str(stick))
-    ctl(s1_cfg, "exchange", str(stick))
+    image: Path | None = None
+    if no_loop is None:
+        step("Trip 2 with a real stick, through the daemons: school-1 -> master -> school-1; nobody types a command")
+        image = sticks.image(base / "stick.img")
+        say(f"the stick: a blank {STICK_MIB} MiB ext4 image ({image.name}) on a loop device")
+        for who, cfg in (("school-1", s1_cfg), ("master", m_cfg), ("school-1", s1_cfg)):
+            print(flush=True)
+            insert_stick(sticks, who, cfg, image)
+    else:
+        step("Trip 2 through the folder: the change set goes down, the statistics come up")
+        say(f"(no real stick: {no_loop}; as root the demo inserts a loop device instead)")
+        ctl(s1_cfg, "exchange", str(stick))
+        ctl(m_cfg, "exchange", str(stick))
+        ctl(s1_cfg, "exchange", str(stick))
     if seq_of(status_json(s1_cfg), "content") != 2:
         raise DemoFailed("school-1 does not show content release 2 after trip 2")
     say("school-1's status shows content release 2")
@@ -282,7 +468,17 @@ def run(base: Path, daemons: list[Daemon]) -> None:
         ctl(cfg, "verify")
 
     step("What the teacher reads on the stick")
-    say((stick / "HARMONIC" / "RECEIPT-school-1.txt").read_text().rstrip())
+    if image is None:
+        say((stick / "HARMONIC" / "RECEIPT-school-1.txt").read_text().rstrip())
+    else:
+        look = base / "look"
+        sticks.look(image, look)
+        try:
+            for sid in ("master", "school-1"):
+                print(f"-- HARMONIC/RECEIPT-{sid}.txt")
+                say((look / "HARMONIC" / f"RECEIPT-{sid}.txt").read_text().rstrip())
+        finally:
+            sticks.unlook(look)
 
     step("Status of every server (asked of its daemon)")
     for cfg in configs.values():
@@ -307,9 +503,10 @@ def run(base: Path, daemons: list[Daemon]) -> None:
 def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="harmonic-demo-"))
     daemons: list[Daemon] = []
+    sticks = Sticks(base / "media")
     t0 = time.monotonic()
     try:
-        run(base, daemons)
+        run(base, daemons, sticks)
         print(f"\ndemo: every step worked ({time.monotonic() - t0:.0f} s)")
         return 0
     except (DemoFailed, subprocess.TimeoutExpired) as exc:
@@ -320,6 +517,7 @@ def main() -> int:
                 print("\n".join(d.output().splitlines()[-15:]), file=sys.stderr)
         return 1
     finally:
+        sticks.close()  # helpers stopped (they unmount), loop devices detached
         for d in daemons:
             d.kill()
         if os.environ.get("HARMONIC_DEMO_KEEP"):
