@@ -43,13 +43,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harmonicd.core.ident import check_server_id
-from harmonicd.core.pack import Header, PackReader
+from harmonicd.core.pack import Hashed, Header, PackReader
 from harmonicd.core.release import decode
 from harmonicd.errors import (
     CorruptPack,
-    DiskFullError,
     HarmonicError,
     Misaddressed,
+    NoRoom,
     PackError,
     TrustError,
     UntrustedPack,
@@ -68,7 +68,10 @@ from harmonicd.services.exchange import (
     _unlink,
     lacking,
     list_packs,
+    need_bytes,
+    on_disk,
     open_pack,
+    planned,
     to_folder,
     write_packs,
 )
@@ -375,67 +378,72 @@ def _answer_on_stick(store: Store, box: str, requests: list[_StickRequest], budg
                      progress: Callable[[int], None] | None) -> list[ExportResult]:
     """Each school's answer into box/to-<school>/, within budget shared evenly
     (what one school leaves unused goes to the next)."""
+    st = os.statvfs(box)
+    block = st.f_frsize or st.f_bsize or 1
     out = []
     left = budget
     requests = sorted(requests, key=lambda r: r.school)
     for i, r in enumerate(requests):
-        share = None if left is None else left // (len(requests) - i)
-        res = _answer_one(store, box, r, share, progress)
+        share = None if left is None else max(0, left) // (len(requests) - i)
+        res = _answer_one(store, box, r, share, block, progress)
         if left is not None:
-            left -= res.bytes
+            left -= res.stick_bytes
         out.append(res)
     return out
 
 
-def _answer_one(store: Store, box: str, r: _StickRequest, share: int | None,
+def _answer_one(store: Store, box: str, r: _StickRequest, share: int | None, block: int,
                 progress: Callable[[int], None] | None) -> ExportResult:
     cfg = store.cfg
     dest = os.path.join(box, to_folder(r.school))
     _real_dir(dest)
+    # The relay's older answers for that school were planned from an older
+    # request: they go first, so that their room is free for this one.
+    _supersede(dest, cfg.id, [])
     res = ExportResult(r.school)
     room = share
     # The master's answer packs first: they carry the acknowledgements that
     # let the school drop what the master now holds, and anything for it alone.
+    # Each is copied whole or not at all: it is signed by the master as it is.
     for p in list_packs(down_dir(store, r.school))[0]:
         size = os.path.getsize(p)
         target = os.path.join(dest, os.path.basename(p))
         if os.path.exists(target) and os.path.getsize(target) == size:
             res.files.append(target)  # put there at an earlier visit, not yet taken
-        elif room is None or size <= room:
-            _copy_durably(p, target, progress)
+        elif room is None or on_disk(size, block) <= room:
+            res.sums[target] = _copy_durably(p, target, progress)
             res.files.append(target)
             res.bytes += size
+            res.stick_bytes += on_disk(size, block)
             if room is not None:
-                room -= size
+                room -= on_disk(size, block)
         else:
+            res.left_bytes += size
             log.info("relaying a stick: the master's answer pack %s for %s (%s) does not fit; it goes next trip",
                      os.path.basename(p), r.school, durable.mib(size))
             continue
         res.releases += _master_labels(p)
-    own: list[str] = []
     mine = for_downstream(store, r.newest)
     if mine.releases:
+        # What fits goes, most useful first; the school keeps a part received
+        # and its next request says so (write_packs, core/diff.py).
         try:
-            w = write_packs(store, mine, dest, progress)
-        except DiskFullError as exc:
-            log.info("relaying a stick: %s's answer from the replica does not fit: %s", r.school, exc)
+            w = write_packs(store, mine, dest, progress, budget=room, block=block)
+        except NoRoom:
+            res.left_bytes += need_bytes(planned(store, mine))
         else:
-            if room is not None and w.bytes > room:
-                # Not within its share: taken off again rather than crowd out
-                # another school's answer; it goes next trip.
-                log.info("relaying a stick: %s's answer from the replica (%s) is over its share (%s); "
-                         "it goes next trip", r.school, durable.mib(w.bytes), durable.mib(room))
-                for f in w.files:
-                    _unlink(f)
-            else:
-                own = w.files
-                res.files += own
-                res.releases = w.releases + res.releases
-                res.objects += w.objects
-                res.raw_bytes += w.raw_bytes
-                res.bytes += w.bytes
-    # The relay's older answers for that school were planned from an older request.
-    _supersede(dest, cfg.id, own)
+            res.files += w.files
+            res.sums.update(w.sums)
+            res.releases = w.releases + res.releases
+            res.objects += w.objects
+            res.raw_bytes += w.raw_bytes
+            res.bytes += w.bytes
+            res.stick_bytes += w.stick_bytes
+            res.left_objects += w.left_objects
+            res.left_bytes += w.left_bytes
+    if res.left_bytes:
+        log.info("relaying a stick: %s more for %s did not fit; it goes next trip", durable.mib(res.left_bytes),
+                 r.school)
     return res
 
 
@@ -453,19 +461,19 @@ def _master_labels(path: str) -> list[str]:
     return labels
 
 
-def _copy_durably(src: str, target: str, progress: Callable[[int], None] | None) -> None:
-    """Copy a pack onto the stick as write_packs writes one: a .part file,
-    flushed, renamed, the folder flushed."""
+def _copy_durably(src: str, target: str, progress: Callable[[int], None] | None) -> bytes:
+    """Copy a pack onto the stick as write_packs writes one (a .part file,
+    flushed, renamed, the folder flushed). Returns the hash of what was handed
+    to the stick, for the visit's read-back."""
     folder = os.path.dirname(target)
     tmp = os.path.join(folder, "." + os.path.basename(target) + ".part")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
-            with open(src, "rb") as f:
+            with open(src, "rb") as f, os.fdopen(os.dup(fd), "wb") as out:
+                sink = Hashed(out)
                 while chunk := f.read(1 << 20):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    sink.write(chunk)
                     if progress:
                         progress(len(chunk))
             os.fsync(fd)
@@ -476,6 +484,7 @@ def _copy_durably(src: str, target: str, progress: Callable[[int], None] | None)
     except OSError:
         _unlink(tmp)
         raise
+    return sink.hash.digest()
 
 
 def waiting(store: Store) -> list[str]:

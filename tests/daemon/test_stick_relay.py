@@ -177,25 +177,34 @@ def test_master_unreachable_requests_stay_queued_and_replica_answers_go(
 
 def test_small_stick_the_masters_packs_first_shared_between_schools(
         route: Route, start_daemon: Callable[..., DaemonProc]) -> None:
-    """A budget too small for the content: each school's acknowledgement goes, the
-    content (300 KB from the replica) waits for the next trip."""
+    """A budget too small for the content (300 KB from the replica), shared by two
+    schools: each school's acknowledgement goes whole, then what fits of the
+    content; the school keeps that part, says so, and the rest comes next trip."""
     rt = route
     start_daemon(rt.master)
     _schools_leave_requests(rt)
-    exported, refused, _calls = _relay_visit(rt, budget=60_000)
+    budget = 80_000
+    exported, refused, _calls = _relay_visit(rt, budget=budget)
     assert refused == []
-    assert sum(e.bytes for e in exported) <= 60_000
+    assert sum(e.stick_bytes for e in exported) <= budget
+    first = {e.recipient: e.raw_bytes for e in exported}
     for s in rt.schools:
-        names = [p.name for p in (rt.box / f"to-{s.name}").glob("*.hpk")]
-        assert names, "the master's answer went"
-        assert all(n.startswith("master-1-") for n in names), names
+        e = next(e for e in exported if e.recipient == s.name)
+        assert e.stick_bytes <= budget // 2, "an even share each"
+        assert e.left_bytes > 0, "the rest waits for the next trip"
+        names = sorted(p.name for p in (rt.box / f"to-{s.name}").glob("*.hpk"))
+        assert [n.split("-2")[0] for n in names] == ["master-1", "relay-1"], names
         out = s.ctl("exchange", str(rt.stick)).stdout
         assert "master-1 confirmed backup release 1" in out, out
-        assert "content release" not in out, out
-    # Next trip, room enough: the content goes.
+        assert "received part of master-1/content release 1" in out, out
+        assert not (s.deploy / "content").exists(), "never a partial release in use"
+    # Next trip, room enough: the rest of the content goes, nothing twice.
     exported, refused, _calls = _relay_visit(rt)
     assert refused == []
     for s in rt.schools:
+        e = next(e for e in exported if e.recipient == s.name)
+        assert e.left_bytes == 0
+        assert first[s.name] + e.raw_bytes < 300_000 + 1_000, "what the school holds already is not sent again"
         s.ctl("exchange", str(rt.stick))
         assert tree_digest(s.deploy / "content") == tree_digest(rt.content)
 
