@@ -251,3 +251,31 @@ def test_no_requests_no_sync(route: Route) -> None:
     assert (exported, refused, calls) == ([], [], 0)
     shutil.rmtree(rt.box)
     assert _relay_visit(rt) == ([], [], 0)
+
+
+def test_whole_visit_of_the_relay(route: Route, start_daemon: Callable[..., DaemonProc]) -> None:
+    """The relay's visit as the daemon runs it (stick.visit with forward_now): its own
+    request, the relayed answers read back from the stick, the receipt says it all."""
+    from harmonicd.services.stick import visit
+
+    rt = route
+    start_daemon(rt.master)
+    _schools_leave_requests(rt)
+    with rt.relay.store() as st:
+        v = visit(st, str(rt.stick), None, consent=True, forward=lambda: forward_now(st))
+    rep = v.report
+    assert rep.refused == []
+    assert {e.recipient for e in rep.exported} >= {"school-a", "school-b", "master-1"}
+    relayed = [f for e in rep.exported if e.recipient.startswith("school-") for f in e.files]
+    assert len(relayed) == 4, "per school: the master's answer and the relay's"
+    assert v.verified_files == sum(len(e.files) for e in rep.exported), "every file read back and checked"
+    receipt = (rt.box / "RECEIPT-relay-1.txt").read_text()
+    for s in rt.schools:
+        assert f"to {s.name}: content release 1" in receipt, receipt
+        assert "master-1's confirmation of backup release 1" in receipt, receipt
+        assert _requests(rt, s.name) == []
+    assert len(sorted((rt.box / "to-master").glob("relay-1-*.hpk"))) == 1, "its own request, for the master"
+    for s in rt.schools:
+        out = s.ctl("exchange", str(rt.stick)).stdout
+        assert "master-1 confirmed backup release 1" in out, out
+        assert tree_digest(s.deploy / "content") == tree_digest(rt.content)
