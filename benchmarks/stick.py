@@ -34,7 +34,8 @@ change set. Then, with the daemons running, for each file system:
    stick onto the state file system, `sync`, `umount`, measured the same way.
 
 Where the master's time goes: its status polled every 20 ms (state changes
-and progress), the helper's output lines timestamped as they come, and a
+and progress) and its event stream read as it comes (a state shorter than a
+status call is not missed), the helper's output lines timestamped as they come, and a
 profiled rerun of the same visit (`harmonicctl exchange` under cProfile on a
 copy of the image taken before step 2, mounted outside the daemon's mount
 base): import, planning, pack writing, syncfs, read-back, receipt, gc.
@@ -119,6 +120,30 @@ class Lines:
 
     def first(self, pattern: str) -> float | None:
         return next((t for t, line in self.lines if re.search(pattern, line)), None)
+
+
+class Events:
+    """A daemon's event stream (GET /v1/events), each event with the monotonic time it came:
+    pushed as the daemon emits it, so a state shorter than a status call is not missed."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.got: list[tuple[float, dict[str, Any]]] = []
+        self._thread = threading.Thread(target=self._read, args=(socket_path,), daemon=True)
+        self._thread.start()
+
+    def _read(self, socket_path: str) -> None:
+        from harmonicd import ctlclient
+
+        with contextlib.suppress(Exception):  # the stream ends when the daemon stops
+            for ev in ctlclient.events(socket_path):
+                self.got.append((time.monotonic(), ev))
+
+    def states(self, device: str, since: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for t, ev in list(self.got):
+            if t >= since and ev.get("event") == "stick" and ev.get("device") == device:
+                out.setdefault(str(ev["state"]), t - since)
+        return out
 
 
 class Lab:
@@ -206,8 +231,8 @@ def stick_of(d: D.DaemonProc, name: str) -> dict[str, Any] | None:
     return next((s for s in d.status()["media"]["sticks"] if s["device"] == name), None)
 
 
-def insert(lab: Lab, d: D.DaemonProc, config: str, image: str, until: tuple[str, ...] = ("safe-to-remove",)
-           ) -> dict[str, Any]:
+def insert(lab: Lab, d: D.DaemonProc, events: Events, config: str, image: str,
+           until: tuple[str, ...] = ("safe-to-remove",)) -> dict[str, Any]:
     """Insert the stick (attach, then the helper as systemd would), poll the daemon's status every
     POLL s until the stick reaches one of `until`; then wait for the helper and pull the stick.
     Times are seconds from just before the attach."""
@@ -234,12 +259,17 @@ def insert(lab: Lab, d: D.DaemonProc, config: str, image: str, until: tuple[str,
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} not {'/'.join(until)} after {TIMEOUT:.0f} s: {st}\n{d.output()[-3000:]}")
         time.sleep(POLL)
-    total = seen[last["state"]] if last else 0.0
     rc = proc.wait(60)
+    time.sleep(0.2)  # the last events on their way
+    pushed = events.states(name, t0)
+    # Each state at the first time either way saw it (status polled, or its event pushed).
+    states = {k: min(seen.get(k, pushed.get(k, 0.0)), pushed.get(k, seen.get(k, 0.0))) for k in {*seen, *pushed}}
+    total = states[last["state"]] if last else 0.0
     lab.detach(name)
     mounted = out.first(r": mounted ")
     unmounted = out.first(r": unmounted ")
-    return {"device": name, "total_s": total, "attach_s": attached, "states": seen,
+    return {"device": name, "total_s": total, "attach_s": attached, "states": states, "polled": seen,
+            "pushed": pushed,
             "helper_mounted_s": None if mounted is None else mounted - t0,
             "helper_unmounted_s": None if unmounted is None else unmounted - t0,
             "helper_exit": rc, "helper_output": [line for _t, line in out.lines],
@@ -322,7 +352,12 @@ def profile_visit(lab: Lab, m: h.Server, image: str, fs: str, mnt: str, out: str
     for label, file, func in PHASES:
         cum = [v[3] for (path, _line, fn), v in stats.items() if fn == func and path.endswith(file)]
         phases[label] = max(cum) if cum else 0.0
-    return {"wall_s": r.wall, "cpu_s": r.cpu, "phases": phases, "out": r.stdout.strip().splitlines()[-6:]}
+    own = sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]
+    top = [{"function": f"{os.path.relpath(path, str(h.CODE['path'] or h.REPO)) if 'harmonicd' in path else path}"
+                        f":{line}({fn})", "own_s": round(v[2], 3), "cum_s": round(v[3], 3), "calls": v[1]}
+           for (path, line, fn), v in own]
+    return {"wall_s": r.wall, "cpu_s": r.cpu, "phases": phases, "top_own": top,
+            "out": r.stdout.strip().splitlines()[-6:]}
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -355,6 +390,7 @@ def bench(a: argparse.Namespace, rep: Report) -> None:
 
     notify = D.NotifySink(os.path.join(base, "notify.sock"))
     lab = Lab(logs)
+    master_events: list[Events] = []
     md: D.DaemonProc | None = None
     sd: D.DaemonProc | None = None
     try:
@@ -367,8 +403,10 @@ def bench(a: argparse.Namespace, rep: Report) -> None:
             sd = D.DaemonProc(s.config, ssock, os.path.join(logs, f"school-1-{fs}.log"), notify)
             for up in (md, sd):
                 up.wait(lambda st: bool(st.get("daemon")) and not st["activity"] and not st["queued"],
-                       "an idle daemon")
-            raw[fs] = row(a, lab, m, s, md, sd, fs, base, v2)
+                        "an idle daemon")
+            if not master_events:
+                master_events.append(Events(msock))
+            raw[fs] = row(a, lab, m, s, md, sd, (master_events[0], Events(ssock)), fs, base, v2)
     finally:
         lab.close()
         for who, proc in (("school", sd), ("master", md)):
@@ -381,16 +419,17 @@ def bench(a: argparse.Namespace, rep: Report) -> None:
         report(rep, fs, raw[fs], nfiles, nbytes)
 
 
-def row(a: argparse.Namespace, lab: Lab, m: h.Server, s: h.Server, md: D.DaemonProc, sd: D.DaemonProc, fs: str,
-        base: str, v2: str) -> dict[str, Any]:
+def row(a: argparse.Namespace, lab: Lab, m: h.Server, s: h.Server, md: D.DaemonProc, sd: D.DaemonProc,
+        events: tuple[Events, Events], fs: str, base: str, v2: str) -> dict[str, Any]:
     r: dict[str, Any] = {}
+    mev, sev = events
     image = os.path.join(base, f"stick-{fs}.img")
     make_image(image, fs, a.stick_mib * MiB)
     mnt = os.path.join(base, "look")
     print(f"\n--- {fs}: a {a.stick_mib} MiB stick", flush=True)
 
     h.settle()
-    r["request"] = insert(lab, sd, s.config, image)
+    r["request"] = insert(lab, sd, sev, s.config, image)
     print(f"  school, its request: safe to remove after {r['request']['total_s']:.2f} s "
           f"({r['request']['message']})", flush=True)
     before = image + ".before-master"
@@ -398,7 +437,7 @@ def row(a: argparse.Namespace, lab: Lab, m: h.Server, s: h.Server, md: D.DaemonP
 
     h.settle()
     load = D.load()
-    r["master"] = x = insert(lab, md, m.config, image)
+    r["master"] = x = insert(lab, md, mev, m.config, image)
     x["load"] = load
     print(f"  master: safe to remove after {x['total_s']:.2f} s; states {fmt_states(x)}; {x['message']}", flush=True)
 
@@ -420,10 +459,13 @@ def row(a: argparse.Namespace, lab: Lab, m: h.Server, s: h.Server, md: D.DaemonP
     os.unlink(before)
     print(f"  profiled rerun (harmonicctl exchange): {r['profile']['wall_s']:.2f} s: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in r["profile"]["phases"].items()), flush=True)
+    for f in r["profile"]["top_own"][:8]:
+        print(f"    {f['own_s']:.3f} s own, {f['cum_s']:.3f} s with callees, {f['calls']} calls: {f['function']}",
+              flush=True)
 
     h.settle()
     load = D.load()
-    r["school"] = y = insert(lab, sd, s.config, image)
+    r["school"] = y = insert(lab, sd, sev, s.config, image)
     y["load"] = load
     st = sd.status()
     r["content_seq"] = D.seq_of(st, "content")
@@ -520,9 +562,12 @@ def report(rep: Report, fs: str, r: dict[str, Any], nfiles: int, nbytes: int) ->
               + "/".join(f"{c['total_s']:.2f}" for c in r["cp_onto"]) + " s; best: "
               + fmt_marks(onto) + "); cp off: the same pack bytes from the stick onto the state file system (best: "
               + fmt_marks(off) + "); stretches: consecutive marks of the timed insertion (the helper's output "
-              f"lines, timestamped as read; state changes as polled); profiled rerun: `harmonicctl exchange` on a "
+              f"lines, timestamped as read; state changes as first seen by the status poll or the event stream); "
+              f"profiled rerun: `harmonicctl exchange` on a "
               f"copy of the image as it was before the master's insertion, under cProfile (cumulative seconds; "
-              f"whole command {prof['wall_s']:.2f} s); load average before: master {x['load']}, school "
+              f"whole command {prof['wall_s']:.2f} s; most own time: "
+              + "; ".join(f"{f['function']} {f['own_s']:.2f} s" for f in prof["top_own"][:6])
+              + f"); load average before: master {x['load']}, school "
               f"{y['load']}; master's message: {x['message']}"),
         rows=rows))
 
