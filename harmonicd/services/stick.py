@@ -201,8 +201,9 @@ def visit(store: Store, folder: str, progress: Callable[[int], None] | None, *, 
     with _on_stick("import", box):
         answered, read = _import_all(store, box, rep, progress)
     if _read_only(box):
+        got = [f"{a} from {r.sender}" for r in rep.imported for a in r.applied + r.pending]
         raise StoreError(f"{box}: the stick is write-protected; "
-                         + ("what it carried was imported, " if rep.imported else "")
+                         + (f"what it carried was imported ({', '.join(got)}), " if got else "")
                          + "nothing could be written back")
     margin = cfg.media_free_margin if free_margin is None else free_margin
     with _on_stick("export", box):
