@@ -5,8 +5,9 @@ The daemon has no privilege to mount (systemd/README.md, "Sticks"), so udev star
 
 1. check the device is of a kind taken (``[media] devices``) and probe its file system;
 2. mount it at ``MOUNT_BASE/NAME`` with nosuid,nodev,noexec,noatime;
-3. wait until the daemon creates ``MOUNT_BASE/.NAME.eject``, the device goes, someone else
-   unmounts it, or SIGTERM (systemd stopping the unit: the stick was pulled);
+3. wait until the daemon creates ``MOUNT_BASE/.NAME.eject``, the device or its file system
+   goes (a FUSE process ended), someone else unmounts it, or SIGTERM (systemd stopping the
+   unit: the stick was pulled);
 4. unmount (lazily if still busy after retries), remove the folder and the request, exit 0.
 
 Where it cannot mount, it writes one line into ``MOUNT_BASE/.NAME.error`` for the daemon
@@ -16,6 +17,7 @@ to show, says the same on stderr (the journal) and exits 1.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pwd
 import signal
@@ -195,6 +197,17 @@ def _make_mount_point(target: str) -> int:
         raise Refused(f"cannot use {target} as mount point: {exc.strerror}") from None
 
 
+def _alive(target: str) -> bool:
+    """False once the file system behind TARGET has gone: an exFAT stick's FUSE process ended.
+    A loop device stays attached under such a mount (the kernel holds it), so the device alone
+    would never say the stick went."""
+    try:
+        os.stat(target)
+    except OSError as exc:
+        return exc.errno not in (errno.ENOTCONN, errno.EIO, errno.ENODEV, errno.ENXIO)
+    return True
+
+
 def _wait(base: str, name: str, target: str, stopped: list[int]) -> str:
     """Why the stick is to be unmounted, once it is."""
     while not stopped:
@@ -205,6 +218,8 @@ def _wait(base: str, name: str, target: str, stopped: list[int]) -> str:
             return "device gone"
         if not _mounted(target):
             return "unmounted by someone else"
+        if not _alive(target):
+            return "file system gone"
         time.sleep(WATCH_INTERVAL)
     return f"stopped by signal {stopped[0]}"
 
