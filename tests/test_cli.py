@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Server, make_master
 
 
@@ -68,3 +70,50 @@ def test_publish_unchanged_prints_current_seq(tmp_path: Path) -> None:
     assert m.ctl("publish", "content", str(src)).stdout.strip() == "1"
     (src / "a.txt").write_text("b")
     assert m.ctl("publish", "content", str(src)).stdout.strip() == "2"
+
+
+def test_stick_prepare(tmp_path: Path) -> None:
+    m, _key = make_master(tmp_path)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    (stick / "homework.odt").write_bytes(b"mine")
+    p = m.ctl("stick", "prepare", str(stick))
+    assert p.stdout.strip() == f"prepared {stick}: Harmonic will use it (HARMONIC/)"
+    assert "Harmonic sync folder" in (stick / "HARMONIC" / "README.txt").read_text()
+    assert sorted(x.name for x in stick.iterdir()) == ["HARMONIC", "homework.odt"]
+    assert (stick / "homework.odt").read_bytes() == b"mine"
+    assert m.ctl("stick", "prepare", str(stick)).stdout.strip() == f"{stick} is already a Harmonic stick"
+    p = m.ctl("stick", "prepare", str(tmp_path / "missing"), check=False)
+    assert p.returncode == 2
+    assert "not a folder" in _one_line(p.stderr)
+    p = m.ctl("stick", check=False)
+    assert p.returncode == 2
+
+
+def test_unprepared_stick_is_not_written_without_consent(tmp_path: Path) -> None:
+    """The daemon's visit of a stick with no HARMONIC/ (adopt_blank off): one clear
+    error, nothing written to the stick, nothing changed here. Typed by a person,
+    `exchange DIR` is consent."""
+    from harmonicd.errors import NotPrepared
+    from harmonicd.services.stick import visit
+    from tests.bad_input.helpers import assert_unchanged, snapshot
+    from tests.conftest import make_school, write_tree
+
+    m, key = make_master(tmp_path)
+    s = make_school(tmp_path, m, key)
+    write_tree(s.source("stats"), {"day.json": b"{}"})
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    (stick / "photos").mkdir()
+    (stick / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    before = snapshot(s)
+    with s.store() as st, pytest.raises(NotPrepared) as err:
+        visit(st, str(stick), None, consent=False)
+    assert str(err.value) == (f"{stick}: not prepared for Harmonic; nothing written "
+                              f"(`harmonicctl stick prepare {stick}`, or [media] adopt_blank = true)")
+    assert sorted(str(x.relative_to(stick)) for x in stick.rglob("*")) == ["photos", "photos/cat.jpg"]
+    assert_unchanged(s, before)
+    p = s.ctl("exchange", str(stick))
+    assert "wrote 1 pack file(s) for master" in p.stdout
+    assert (stick / "HARMONIC" / "README.txt").exists()
+    assert (stick / "photos" / "cat.jpg").read_bytes() == b"\xff\xd8"
