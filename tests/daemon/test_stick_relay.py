@@ -190,7 +190,8 @@ def test_small_stick_the_masters_packs_first_shared_between_schools(
     first = {e.recipient: e.raw_bytes for e in exported}
     for s in rt.schools:
         e = next(e for e in exported if e.recipient == s.name)
-        assert e.stick_bytes <= budget // 2, "an even share each"
+        if s.name == "school-a":  # the first answered: an even share; what it leaves goes to school-b
+            assert e.stick_bytes <= budget // 2
         assert e.left_bytes > 0, "the rest waits for the next trip"
         names = sorted(p.name for p in (rt.box / f"to-{s.name}").glob("*.hpk"))
         assert [n.split("-2")[0] for n in names] == ["master-1", "relay-1"], names
