@@ -378,6 +378,9 @@ def _render_event(ev: dict[str, Any]) -> str:
         return f"{t} {ev['kind']} {ev['detail']}: {bar}{_eta(ev.get('eta_s'))}"
     if kind == "started":
         return f"{t} {ev['kind']} {ev['detail']}: started"
+    if kind == "stick":
+        where = f" at {ev['path']}" if ev.get("path") else ""
+        return f"{t} stick {ev['device']}{where}: {ev['message']}"
     if kind in ("done", "failed"):
         what = ev.get("summary") or ("done" if kind == "done" else "failed")
         return f"{t} {ev['kind']} {ev['detail']}: {'' if kind == 'done' else 'FAILED: '}{what} ({ev['seconds']} s)"
@@ -419,8 +422,17 @@ def _render_status(st: dict[str, Any]) -> str:
         lines.append("upstream:  none (sticks only)")
     media = st.get("media")
     if media:
-        sticks = ", ".join(s.get("path", "?") for s in media.get("sticks", [])) or "no stick inserted"
-        lines.append(f"media:     {sticks} (devices: {', '.join(media.get('devices', []))})")
+        kinds = ", ".join(media.get("devices", [])) or "none"
+        if media.get("error"):
+            lines.append(f"sticks:    {media['error']}")
+        if not media.get("sticks"):
+            lines.append(f"sticks:    none inserted (taken: {kinds})")
+        for s in media.get("sticks", []):
+            where = f" at {s['path']}" if s.get("path") else ""
+            line = f"stick:     {s['device']}{where}: {s['message']}"
+            if s.get("state") == "visiting" and s.get("done_bytes"):
+                line += f"  {_bar(s['done_bytes'], s.get('total_bytes'))}{_eta(s.get('eta_s'))}"
+            lines.append(line)
     act = st.get("activity")
     if act:
         lines.append(f"now:       {act['kind']} {act.get('detail', '')}  "

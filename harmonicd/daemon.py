@@ -43,6 +43,7 @@ from harmonicd.control import ControlServer, prepare_socket_path
 from harmonicd.errors import ConfigError, HarmonicError, StartupError, StateError, UsageError
 from harmonicd.jobs import JobRunner, Outcome
 from harmonicd.logs import setup_daemon_logging
+from harmonicd.media.sticks import StickManager, visit_work
 from harmonicd.peer import UpstreamError, limits
 from harmonicd.peer.netwatch import NetWatch
 from harmonicd.peer.server import PeerServer, tls_context
@@ -82,6 +83,7 @@ class Daemon:
         self._stop_reason = ""
         self._network_up = asyncio.Event()  # set by the network watch: sync now (see _sync_loop)
         self.netwatch = NetWatch(self._network_came_up)
+        self.sticks = StickManager(lambda: self.cfg, self.jobs, self.activity, forward=_forward_now)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._first_change: dict[str, float] = {}
         self._store_size: dict[str, int] | None = None
@@ -131,6 +133,8 @@ class Daemon:
                 if not self.cfg.is_master:
                     tasks.append(tg.create_task(self._sync_loop(), name="online-sync"))
                     tasks.append(tg.create_task(self.netwatch.run(), name="netwatch"))
+                if self.cfg.media_devices:
+                    tasks.append(tg.create_task(self.sticks.run(), name="sticks"))
                 if self.notifier.watchdog_interval:
                     tasks.append(tg.create_task(self._heartbeat(self.notifier.watchdog_interval), name="watchdog"))
                 await self._stop.wait()
@@ -476,7 +480,7 @@ class Daemon:
         st["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
         watcher = self.watcher
         st["watching"] = sorted(watcher.watching) if watcher else []
-        st["media"] = {"devices": list(self.cfg.media_devices), "sticks": []}
+        st["media"] = self.sticks.status()
         return st
 
     def recent_events(self) -> list[dict[str, Any]]:
@@ -504,7 +508,11 @@ class Daemon:
             assert folder is not None
             if not os.path.isabs(folder):
                 raise UsageError(f"exchange: {folder!r} must be an absolute path")
-            return self.jobs.submit("exchange", folder, _exchange_work(folder), total=_inbox_bytes(self.cfg, folder))
+            cfg = self.cfg
+            # Asked for by a person: consent to write there (INTERFACE.md).
+            return self.jobs.submit("exchange", folder, visit_work(
+                folder, True, cfg.media_read_back, cfg.media_free_margin, self.activity,
+                _forward_now if cfg.upstream_url and not cfg.is_master else None))
         if name == "publish":
             coll, folder, target = text("collection"), text("dir"), text("for", required=False)
             assert coll is not None
@@ -525,32 +533,10 @@ class Daemon:
 # --------------------------------------------------------------------------- job bodies
 
 
-def _exchange_work(folder: str) -> Callable[[Store, Callable[[int], None]], Outcome]:
-    def work(store: Store, progress: Callable[[int], None]) -> Outcome:
-        from harmonicd.services.exchange import exchange
+def _forward_now(store: Store) -> str | None:
+    from harmonicd.peer.sync import forward_now
 
-        if not os.path.isdir(folder):
-            raise UsageError(f"{folder} is not a folder")
-        rep = exchange(store, folder, progress)
-        received = [f"{a} from {r.sender}" for r in rep.imported for a in r.applied]
-        written = [f"{e.recipient}: {', '.join(e.releases) or 'request'}" for e in rep.exported]
-        data = {"received": received, "written": written, "refused": rep.refused, "waiting": rep.waiting,
-                "published": [f"{n} release {s}" for n, s in rep.published]}
-        if rep.refused:
-            return Outcome(f"{len(rep.refused)} pack(s) refused: " + "; ".join(rep.refused), data, ok=False)
-        return Outcome(f"exchange with {folder}: received {len(received)}, wrote {len(written)}", data)
-    return work
-
-
-def _inbox_bytes(cfg: Config, folder: str) -> int | None:
-    from harmonicd.services.exchange import MAILBOX, TO_MASTER, to_folder
-
-    inbox = os.path.join(folder, MAILBOX, TO_MASTER if cfg.is_master else to_folder(cfg.id))
-    try:
-        with os.scandir(inbox) as it:
-            return sum(d.stat(follow_symlinks=False).st_size for d in it if d.name.endswith(".hpk")) or None
-    except OSError:
-        return None
+    return forward_now(store)
 
 
 def _publish_work(coll: str, folder: str, target: str | None) -> Callable[[Store, Callable[[int], None]], Outcome]:

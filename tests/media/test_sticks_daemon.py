@@ -1,0 +1,309 @@
+"""Sticks through real daemons: real loop devices carrying ext4 or exFAT (FUSE)
+images, real kernel uevents reaching pyudev, harmonicd-mount run as udev and
+systemd would run it, and the daemon's own status saying "safe to remove".
+
+The only stand-in is who starts harmonicd-mount: on a real host a udev rule
+asks systemd for harmonicd-stick@NAME.service; here no udevd runs and systemd
+is not PID 1, so the test starts it (StickLab.helper) right after attaching
+the image, as that unit would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Server, make_master, make_school, tree_digest, write_tree
+from tests.daemon.conftest import DaemonProc, start_daemon, wait_for
+from tests.media.helpers import MiB, StickLab, needs_root, require, sh
+
+__all__ = ["start_daemon"]
+
+pytestmark = [needs_root, pytest.mark.timeout(240)]
+
+
+def use_sticks(server: Server, base: Path, adopt_blank: bool = True) -> None:
+    """Loop devices as sticks, mounted under base (this test's own /media/harmonicd), no desktop folders."""
+    text = server.config.read_text()
+    text = re.sub(r"(?m)^devices = .*$", 'devices = ["loop"]', text)
+    text = re.sub(r"(?m)^mount_base = .*$", f"mount_base = {json.dumps(str(base))}", text)
+    text = re.sub(r"(?m)^adopt_blank = .*$", f"adopt_blank = {'true' if adopt_blank else 'false'}", text)
+    if "\nwatch = " not in text:
+        text = text.replace("[media]\n", "[media]\nwatch = []\n")
+    server.config.write_text(text)
+    assert server.cfg().media_mount_base == str(base)
+
+
+def sticks(d: DaemonProc) -> dict[str, dict[str, Any]]:
+    return {s["device"]: s for s in d.status()["media"]["sticks"]}
+
+
+def wait_state(d: DaemonProc, name: str, states: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        s = sticks(d).get(name)
+        return s if s is not None and s["state"] in states else None
+    try:
+        return wait_for(reached, timeout, every=0.1, what=f"{name} in state {'/'.join(states)}")  # type: ignore[no-any-return]
+    except AssertionError:
+        raise AssertionError(f"{name}: {sticks(d).get(name)}\n{d.output()[-3000:]}") from None
+
+
+def insert(lab: StickLab, image: Path, read_only: bool = False) -> str:
+    name = lab.attach(image, read_only=read_only)
+    lab.helper(name)
+    return name
+
+
+def pull(lab: StickLab, name: str) -> None:
+    """The stick comes out. A loop device still in use detaches only when its last user
+    lets go (the helper unmounting); until then a second loop device on the same image
+    would be a second, incoherent view of one stick, which no real stick can be: wait."""
+    lab.detach(name)
+    wait_for(lambda: not os.path.exists(f"/sys/class/block/{name}/loop/backing_file"), 30,
+             what=f"{name} detached")
+
+
+def mounted_under(base: Path) -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(str(base) + "/")]
+
+
+def look_inside(lab: StickLab, image: Path) -> Path:
+    """Mount a stick image read-only somewhere else to see what is on it (ext4 only)."""
+    where = lab.tmp / f"look-{image.stem}-{time.monotonic_ns()}"
+    where.mkdir()
+    sh("mount", "-o", "ro,loop", str(image), str(where))
+    return where
+
+
+def unlook(where: Path) -> None:
+    sh("umount", str(where), check=False)
+
+
+def servers(tmp: Path, content: dict[str, bytes]) -> tuple[Server, Server, StickLab, StickLab]:
+    require("losetup", "mkfs.ext4", "blkid")
+    m, key = make_master(tmp, "master-1")
+    s = make_school(tmp, m, key, "school-1")
+    for lab in ("at-master", "at-school"):
+        (tmp / lab).mkdir(exist_ok=True)
+    mlab, slab = StickLab(tmp / "at-master"), StickLab(tmp / "at-school")
+    use_sticks(m, mlab.base)
+    use_sticks(s, slab.base)
+    src = tmp / "content"
+    write_tree(src, content)
+    m.ctl("publish", "content", str(src))
+    return m, s, mlab, slab
+
+
+@pytest.mark.parametrize("fs", ["ext4", "exfat"])
+def test_round_trip_plug_wait_pull(tmp_path: Path, start_daemon: Callable[..., DaemonProc], fs: str) -> None:
+    """A teacher carries one stick school -> master -> school without typing anything."""
+    if fs == "exfat":
+        require("mkfs.exfat", "mount.exfat-fuse")
+    m, s, mlab, slab = servers(tmp_path, {"index.html": b"<h1>lessons</h1>\n", "maths.pdf": os.urandom(2 * MiB)})
+    write_tree(s.source("stats"), {"visits.json": b'{"pupils": 31}\n'})
+    with mlab, slab:
+        md, sd = start_daemon(m), start_daemon(s)
+        image = slab.image(fs, 64 * MiB)
+        # At the school: its request and statistics go on the stick.
+        name = insert(slab, image)
+        st = wait_state(sd, name, ("safe-to-remove",))
+        assert "wrote" in st["message"], st
+        assert "master" in st["message"], st
+        assert not mounted_under(slab.base), "the helper unmounts once the daemon is done"
+        pull(slab, name)
+        wait_state(sd, name, ("gone",))
+        # At the master: the statistics come in, the content goes out.
+        name = insert(mlab, image)
+        st = wait_state(md, name, ("safe-to-remove",))
+        assert "school-1/stats" in st["message"], st
+        pull(mlab, name)
+        assert (m.deploy / "school-1" / "stats" / "visits.json").read_bytes() == b'{"pupils": 31}\n'
+        # Back at the school: content deployed, statistics acknowledged.
+        name = insert(slab, image)
+        st = wait_state(sd, name, ("safe-to-remove",))
+        pull(slab, name)
+        assert tree_digest(s.deploy / "content") == tree_digest(tmp_path / "content")
+        coll = {c["name"]: c for c in sd.status()["collections"]}
+        assert coll["content"]["seq"] == 1
+        assert coll["stats"]["acked_seq"] == 1
+        # The journal says it too, in words a person reads.
+        assert re.search(rf"stick {name} at \S+: safe to remove", sd.output()), sd.output()[-2000:]
+    s.ctl("verify")
+
+
+def test_unprepared_stick_is_never_written(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    _m, s, mlab, slab = servers(tmp_path, {"a.txt": b"a\n"})
+    use_sticks(s, slab.base, adopt_blank=False)
+    with mlab, slab:
+        sd = start_daemon(s)
+        image = slab.image("ext4", 32 * MiB)
+        name = insert(slab, image)
+        st = wait_state(sd, name, ("safe-to-remove",))
+        assert "not prepared" in st["message"], st
+        pull(slab, name)
+        inside = look_inside(slab, image)
+        try:
+            assert sorted(p.name for p in inside.iterdir()) == ["lost+found"], "nothing may be written"
+        finally:
+            unlook(inside)
+        # Prepared by a person: the next insertion is used.
+        mnt = tmp_path / "prep"
+        mnt.mkdir()
+        sh("mount", "-o", "loop", str(image), str(mnt))
+        try:
+            s.ctl("stick", "prepare", str(mnt))
+        finally:
+            sh("umount", str(mnt))
+        name = insert(slab, image)
+        st = wait_state(sd, name, ("safe-to-remove",))
+        assert "not prepared" not in st["message"], st
+        assert "wrote" in st["message"], st
+        pull(slab, name)
+
+
+def test_pulled_mid_export_then_redone(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    """exFAT through FUSE: killing the FUSE process is the stick going mid-write (RELIABILITY.md B1)."""
+    require("mkfs.exfat", "mount.exfat-fuse")
+    big = {f"video{i}.bin": os.urandom(24 * MiB) for i in range(4)}
+    m, s, mlab, slab = servers(tmp_path, {"index.html": b"x\n", **big})
+    with mlab, slab:
+        md = start_daemon(m)
+        sd = start_daemon(s)
+        image = slab.image("exfat", 256 * MiB)
+        name = insert(slab, image)
+        wait_state(sd, name, ("safe-to-remove",))
+        pull(slab, name)
+        # At the master the answer is ~96 MiB: yank it while it is written.
+        name = insert(mlab, image)
+        wait_for(lambda: (sticks(md).get(name) or {}).get("state") == "visiting"
+                 and (md.status().get("activity") or {}).get("done_bytes", 0) > 4 * MiB,
+                 60, every=0.02, what="the master writing onto the stick")
+        fuse = subprocess.run(["pgrep", "-f", f"mount.exfat-fuse.*{name}"], capture_output=True, text=True)
+        pids = [int(p) for p in fuse.stdout.split()]
+        assert pids, "no FUSE process for the stick"
+        for p in pids:
+            os.kill(p, signal.SIGKILL)
+        pull(mlab, name)
+        st = wait_state(md, name, ("removed-early",))
+        assert "removed" in st["message"], st
+        assert md.proc.poll() is None, "the daemon carries on"
+        # Nothing was marked done: the next insertion does it all again, and the school gets everything.
+        name = insert(mlab, image)
+        st = wait_state(md, name, ("safe-to-remove",), timeout=120)
+        pull(mlab, name)
+        name = insert(slab, image)
+        wait_state(sd, name, ("safe-to-remove",), timeout=120)
+        pull(slab, name)
+        assert tree_digest(s.deploy / "content") == tree_digest(tmp_path / "content")
+        logs = "\n".join(r.output() for r in mlab.runs)
+        wait_for(lambda: not mounted_under(mlab.base), 10, what=f"no mount left at the master:\n{logs}")
+        wait_for(lambda: not mounted_under(slab.base), 10, what="no mount left at the school")
+
+
+def test_pulled_mid_import_keeps_the_old_content(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    require("mkfs.exfat", "mount.exfat-fuse")
+    big = {f"video{i}.bin": os.urandom(24 * MiB) for i in range(4)}
+    m, s, mlab, slab = servers(tmp_path, {"index.html": b"x\n", **big})
+    with mlab, slab:
+        md, sd = start_daemon(m), start_daemon(s)
+        image = slab.image("exfat", 256 * MiB)
+        for lab, d in ((slab, sd), (mlab, md)):
+            name = insert(lab, image)
+            wait_state(d, name, ("safe-to-remove",), timeout=120)
+            pull(lab, name)
+        name = insert(slab, image)
+        wait_for(lambda: (sd.status().get("activity") or {}).get("done_bytes", 0) > 2 * MiB, 60, every=0.02,
+                 what="the school reading the stick")
+        for p in subprocess.run(["pgrep", "-f", f"mount.exfat-fuse.*{name}"], capture_output=True,
+                                text=True).stdout.split():
+            os.kill(int(p), signal.SIGKILL)
+        pull(slab, name)
+        wait_state(sd, name, ("removed-early",))
+        assert tree_digest(s.deploy / "content") == "absent", "nothing half-imported is deployed"
+        assert sd.proc.poll() is None
+        name = insert(slab, image)
+        wait_state(sd, name, ("safe-to-remove",), timeout=120)
+        pull(slab, name)
+        assert tree_digest(s.deploy / "content") == tree_digest(tmp_path / "content")
+    s.ctl("verify")
+
+
+def test_ten_insertions_in_ten_seconds_and_two_at_once(tmp_path: Path,
+                                                       start_daemon: Callable[..., DaemonProc]) -> None:
+    m, s, mlab, slab = servers(tmp_path, {"a.txt": b"a\n"})
+    write_tree(s.source("stats"), {"v.json": b"{}\n"})
+    with mlab, slab:
+        sd = start_daemon(s)
+        fds = len(os.listdir(f"/proc/{sd.proc.pid}/fd"))
+        image = slab.image("ext4", 32 * MiB)
+        t0 = time.monotonic()
+        for i in range(10):
+            name = insert(slab, image)
+            time.sleep(0.4 if i % 2 else 0.05)  # some pulled before the mount, some mid-visit
+            pull(slab, name)
+            for run in slab.runs:
+                if run.proc.poll() is None:
+                    run.stop()
+        assert time.monotonic() - t0 < 15
+        # Two at once, then left in until done.
+        other = slab.image("ext4", 32 * MiB)
+        a, b = insert(slab, image), insert(slab, other)
+        for n in (a, b):
+            wait_state(sd, n, ("safe-to-remove",))
+        pull(slab, a)
+        pull(slab, b)
+        wait_for(lambda: all(st["state"] in ("gone", "removed-early", "unreadable")
+                             for st in sticks(sd).values()), 30, what="every stick pulled")
+        assert sd.proc.poll() is None
+        assert not mounted_under(slab.base)
+        assert len(os.listdir(f"/proc/{sd.proc.pid}/fd")) <= fds + 2, "file descriptors leak"
+        # The request on the stick is whole: the master takes it.
+        md = start_daemon(m)
+        name = insert(mlab, image)
+        st = wait_state(md, name, ("safe-to-remove",))
+        assert "school-1/stats" in st["message"], st
+        pull(mlab, name)
+
+
+def test_unreadable_blank_and_read_only_sticks(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    _m, s, mlab, slab = servers(tmp_path, {"a.txt": b"a\n"})
+    with mlab, slab:
+        sd = start_daemon(s)
+        # A blank stick (no file system): the helper cannot mount it and says why.
+        name = insert(slab, slab.image("blank", 16 * MiB))
+        st = wait_state(sd, name, ("unreadable",))
+        assert "no file system" in st["message"], st
+        pull(slab, name)
+        # A corrupt one: bytes flipped over the ext4 superblock.
+        bad = slab.image("ext4", 16 * MiB)
+        with bad.open("r+b") as f:
+            f.seek(1024)
+            f.write(os.urandom(1024))
+        name = insert(slab, bad)
+        st = wait_state(sd, name, ("unreadable",))
+        pull(slab, name)
+        # A write-protected stick: read what it carries, say it could not be written.
+        ro = slab.image("ext4", 32 * MiB)
+        mnt = tmp_path / "prep"
+        mnt.mkdir()
+        sh("mount", "-o", "loop", str(ro), str(mnt))
+        try:
+            s.ctl("stick", "prepare", str(mnt))
+        finally:
+            sh("umount", str(mnt))
+        name = insert(slab, ro, read_only=True)
+        st = wait_state(sd, name, ("safe-to-remove",))
+        assert "write-protected" in st["message"], st
+        pull(slab, name)
+        assert sd.proc.poll() is None
+        assert not mounted_under(slab.base)
