@@ -204,7 +204,7 @@ def _alive(target: str) -> bool:
     try:
         os.stat(target)
     except OSError as exc:
-        return exc.errno not in (errno.ENOTCONN, errno.EIO, errno.ENODEV, errno.ENXIO)
+        return exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENODEV, errno.ENXIO)
     return True
 
 
