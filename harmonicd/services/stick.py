@@ -168,8 +168,7 @@ def _on_stick(during: str, box: str) -> Iterator[None]:
         if exc.errno in durable.MEDIA_GONE:
             raise StickRemoved(during) from exc
         if exc.errno == errno.EROFS:
-            raise StoreError(f"{box}: the stick is write-protected; what it carried was imported, "
-                             "nothing could be written back") from exc
+            raise StoreError(f"{box}: the stick is write-protected; nothing could be written back") from exc
         raise StoreError(f"{box}: cannot use the stick during {during} ({exc.strerror})") from exc
 
 
@@ -199,7 +198,7 @@ def visit(store: Store, folder: str, progress: Callable[[int], None] | None, *, 
     v = VisitReport(ExchangeReport())
     rep = v.report
     with _on_stick("import", box):
-        answered, read = _import_all(store, box, rep, progress)
+        answered, read, taken = _import_all(store, box, rep, progress)
     if _read_only(box):
         got = [f"{a} from {r.sender}" for r in rep.imported for a in r.applied + r.pending]
         raise StoreError(f"{box}: the stick is write-protected; "
@@ -221,6 +220,8 @@ def visit(store: Store, folder: str, progress: Callable[[int], None] | None, *, 
         with _on_stick("export", box):
             _read_back(box, v)
     with _on_stick("export", box):
+        for p in taken:
+            _remove_imported(p)
         write_receipt(store, box, v)
     from harmonicd.services.maintenance import gc
 
@@ -229,11 +230,13 @@ def visit(store: Store, folder: str, progress: Callable[[int], None] | None, *, 
 
 
 def _import_all(store: Store, box: str, rep: ExchangeReport, progress: Callable[[int], None] | None
-                ) -> tuple[set[str], int]:
+                ) -> tuple[set[str], int, list[str]]:
     """Import what is addressed to this server. Returns the senders answered (on
-    the master: the schools whose requests were read) and the bytes read."""
+    the master: the schools whose requests were read), the bytes read, and the
+    requests to remove from the stick once answered (on the master)."""
     cfg = store.cfg
     answered: set[str] = set()
+    taken: list[str] = []
     read = 0
     folders = [(TO_MASTER, True)] if cfg.is_master else [(to_folder(cfg.id), True), (TO_EVERYONE, False)]
     for name, remove in folders:
@@ -243,6 +246,10 @@ def _import_all(store: Store, box: str, rep: ExchangeReport, progress: Callable[
         packs, problems = list_packs(inbox)
         rep.refused += problems
         for p in packs:
+            try:
+                size = os.lstat(p).st_size
+            except FileNotFoundError:
+                continue  # taken since the folder was listed (a folder several servers use)
             try:
                 r = import_pack(store, p, "stick", progress)
             except Misaddressed:
@@ -258,7 +265,7 @@ def _import_all(store: Store, box: str, rep: ExchangeReport, progress: Callable[
                 rep.refused.append(msg if msg.startswith(p) else f"{p}: {msg}")
                 continue
             answered.add(r.sender)
-            read += r.bytes
+            read += size
             if not remove:
                 # to-everyone/ is for every school that comes by: never removed by
                 # a school, and seen once it is quietly passed over.
@@ -267,8 +274,14 @@ def _import_all(store: Store, box: str, rep: ExchangeReport, progress: Callable[
                 continue
             rep.imported.append(r)
             crash_point("pack-imported")
-            _remove_imported(p)
-    return answered, read
+            if cfg.is_master:
+                # A request stays on the stick until its answer is written and
+                # read back: a stick pulled before then is answered again at the
+                # next insertion (the request is then known, and quietly taken).
+                taken.append(p)
+            else:
+                _remove_imported(p)
+    return answered, read, taken
 
 
 def _room(box: str, margin: int) -> tuple[int, int]:
