@@ -258,8 +258,16 @@ def _exchange(store: Store, folder: str) -> int:
     if not os.path.isdir(folder):
         raise UsageError(f"{folder} is not a folder")
     t0 = time.monotonic()
+    cfg = store.cfg
+    forward = None
+    if cfg.upstream_url and not cfg.is_master:
+        from harmonicd.peer.sync import forward_now
+
+        # An online school server relays the other schools' requests on the stick at once.
+        def forward() -> str | None:
+            return forward_now(store)
     # Typed by a person: consent to write to a stick not yet prepared.
-    v = visit(store, folder, None, consent=True, read_back=store.cfg.media_read_back)
+    v = visit(store, folder, None, consent=True, read_back=cfg.media_read_back, forward=forward)
     rep = v.report
     for name, seq in rep.published:
         print(f"published {name} release {seq}")
@@ -285,6 +293,9 @@ def _exchange(store: Store, folder: str) -> int:
         print(f"waiting: {w}")
     for line in rep.refused:
         print(f"refused: {line}", file=sys.stderr)
+    from harmonicd.services.maintenance import gc
+
+    gc(store)  # after the visit, as the daemon does: the stick is ready to go before this
     if rep.refused:
         print(f"error: {len(rep.refused)} pack(s) refused in {folder}", file=sys.stderr)
         return 1

@@ -43,7 +43,7 @@ from harmonicd.control import ControlServer, prepare_socket_path
 from harmonicd.errors import ConfigError, HarmonicError, StartupError, StateError, UsageError
 from harmonicd.jobs import JobRunner, Outcome
 from harmonicd.logs import setup_daemon_logging
-from harmonicd.media.sticks import StickManager, visit_work
+from harmonicd.media.sticks import StickManager, gc_work, visit_work
 from harmonicd.peer import UpstreamError, limits
 from harmonicd.peer.netwatch import NetWatch
 from harmonicd.peer.server import PeerServer, tls_context
@@ -510,9 +510,11 @@ class Daemon:
                 raise UsageError(f"exchange: {folder!r} must be an absolute path")
             cfg = self.cfg
             # Asked for by a person: consent to write there (INTERFACE.md).
-            return self.jobs.submit("exchange", folder, visit_work(
+            fut = self.jobs.submit("exchange", folder, visit_work(
                 folder, True, cfg.media_read_back, cfg.media_free_margin, self.activity,
                 _forward_now if cfg.upstream_url and not cfg.is_master else None))
+            fut.add_done_callback(lambda _f: self.jobs.submit("gc", "store", gc_work))
+            return fut
         if name == "publish":
             coll, folder, target = text("collection"), text("dir"), text("for", required=False)
             assert coll is not None
@@ -524,7 +526,7 @@ class Daemon:
         if name == "verify":
             return self.jobs.submit("verify", "store", _verify_work)
         if name == "gc":
-            return self.jobs.submit("gc", "store", _gc_work)
+            return self.jobs.submit("gc", "store", gc_work)
         if name == "sync":
             return self.jobs.submit("sync", self.cfg.upstream_url or "(no upstream)", _sync_work)
         raise UsageError(f"unknown command {name}")
@@ -557,14 +559,6 @@ def _verify_work(store: Store, progress: Callable[[int], None]) -> Outcome:
     if rep.problems:
         return Outcome(f"verify found {len(rep.problems)} problem(s): " + "; ".join(rep.problems[:5]), data, ok=False)
     return Outcome(f"{rep.objects} objects ({durable.mib(rep.bytes)}) and {rep.files} deployed files verified", data)
-
-
-def _gc_work(store: Store, progress: Callable[[int], None]) -> Outcome:
-    from harmonicd.services.maintenance import gc
-
-    g = gc(store)
-    return Outcome(f"removed {g.removed} objects ({durable.mib(g.removed_bytes)}), kept {g.kept}",
-                   {"removed": g.removed, "removed_bytes": g.removed_bytes, "kept": g.kept})
 
 
 def _sync_work(store: Store, progress: Callable[[int], None]) -> Outcome:

@@ -57,6 +57,7 @@ log = logging.getLogger("harmonicd.media")
 RESCAN_EVERY = 10.0  # seconds; the mount table is watched, this is only a safety net
 UNMOUNT_WAIT = 30.0  # seconds the helper has to unmount before we say "safe" anyway (data is flushed)
 FORGET_AFTER = 600.0  # seconds a stick that was pulled stays in status
+SAFE_OPTIONS = frozenset({"nosuid", "nodev", "noexec"})  # a helper's mount is used only with all three
 MOUNT_HINT_AFTER = 15.0  # seconds without a mount before status suggests the helper is missing
 
 INSERTED, VISITING, EJECTING, SAFE, REMOVED_EARLY, UNREADABLE, GONE = (
@@ -175,8 +176,13 @@ class StickManager:
             assert m.device is not None
             if (m.device, m.mountpoint) in self._visited:
                 continue
+            ours = under(m.mountpoint, cfg.media_mount_base)
+            if ours and not m.options >= SAFE_OPTIONS:
+                # The helper's mount of an exFAT stick gets noexec a moment after it
+                # appears (a bind remount); that remount wakes us again.
+                continue
             self._visited.add((m.device, m.mountpoint))
-            self._visit(m, under(m.mountpoint, cfg.media_mount_base))
+            self._visit(m, ours)
 
     @staticmethod
     def _fresh_note(cfg: Config, st: Stick) -> str | None:
@@ -215,6 +221,9 @@ class StickManager:
         if fut.cancelled():
             return
         out = fut.result()
+        # What the visit made unneeded goes now, while the helper unmounts: not
+        # inside the visit, which the teacher waits for.
+        self.jobs.submit("gc", "store", gc_work)
         if st.state != VISITING or st.path != folder:
             return  # pulled meanwhile, or inserted again elsewhere: that state stands
         if not out.ok and out.data.get("removed"):
@@ -327,6 +336,15 @@ def visit_work(folder: str, consent: bool, read_back: bool, free_margin: int, ac
             return Outcome(str(exc), {"removed": True}, ok=False, error=exc)
         return summarize(rep.report, folder, rep.verified_bytes, rep.left_over)
     return work
+
+
+def gc_work(store: Store, progress: Callable[[int], None]) -> Outcome:
+    from harmonicd.services.maintenance import gc
+    from harmonicd.store import durable
+
+    g = gc(store)
+    return Outcome(f"removed {g.removed} objects ({durable.mib(g.removed_bytes)}), kept {g.kept}",
+                   {"removed": g.removed, "removed_bytes": g.removed_bytes, "kept": g.kept})
 
 
 def summarize(rep: Any, folder: str, verified: int = 0, left_over: list[str] | None = None) -> Outcome:

@@ -223,9 +223,8 @@ def visit(store: Store, folder: str, progress: Callable[[int], None] | None, *, 
         for p in taken:
             _remove_imported(p)
         write_receipt(store, box, v)
-    from harmonicd.services.maintenance import gc
-
-    gc(store)
+    # No garbage collection here: the teacher is waiting for "safe to remove". The
+    # caller collects afterwards (the CLI at once, the daemon as its next job).
     return v
 
 
@@ -288,6 +287,8 @@ def _room(box: str, margin: int) -> tuple[int, int]:
     """Bytes this visit may write on the stick, and its allocation unit."""
     st = os.statvfs(box)
     block = st.f_frsize or st.f_bsize or 1
+    # The margin is for the stick's other users; on a small stick, a sixteenth of it at most.
+    margin = min(margin, st.f_blocks * block // 16)
     return st.f_bavail * block - margin - RECEIPT_ROOM, block
 
 

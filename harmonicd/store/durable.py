@@ -26,7 +26,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 # What a removable stick answers once it is gone: a FUSE mount whose process
 # died (ENOTCONN), a device pulled out (EIO, ENODEV, ENXIO), a transport shut down.
-MEDIA_GONE = frozenset({errno.ENOTCONN, errno.EIO, errno.ENODEV, errno.ENXIO, errno.ESHUTDOWN})
+# A stick pulled mid-way: FUSE (exFAT) answers ENOTCONN, or ECONNABORTED for requests in
+# flight when its process dies; a kernel file system EIO, or ENODEV/ENXIO once the device is gone.
+MEDIA_GONE = frozenset({errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENODEV, errno.ENXIO, errno.ESHUTDOWN})
 
 
 def syncfs(path: str | os.PathLike[str]) -> None:
