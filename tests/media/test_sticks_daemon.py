@@ -138,6 +138,19 @@ def test_round_trip_plug_wait_pull(tmp_path: Path, start_daemon: Callable[..., D
         assert coll["stats"]["acked_seq"] == 1
         # The journal says it too, in words a person reads.
         assert re.search(rf"stick {name} at \S+: safe to remove", sd.output()), sd.output()[-2000:]
+        # And the receipts on the stick: who, when, what came, what went, what still waits.
+        if fs == "ext4":
+            inside = look_inside(slab, image)
+            try:
+                school = (inside / "HARMONIC" / "RECEIPT-school-1.txt").read_text()
+                master = (inside / "HARMONIC" / "RECEIPT-master-1.txt").read_text()
+            finally:
+                unlook(inside)
+            assert re.search(r"content release 1 \(\w+\) from master-1: now in use", school), school
+            assert "confirmation from master-1 that it holds" in school, school
+            assert re.search(r"Visit: \d{4}-\d\d-\d\d \d\d:\d\d UTC", school), school
+            assert "read back from the stick and checked" in school, school
+            assert "to school-1: content release 1" in master, master
     s.ctl("verify")
 
 
@@ -185,9 +198,14 @@ def test_pulled_mid_export_then_redone(tmp_path: Path, start_daemon: Callable[..
         pull(slab, name)
         # At the master the answer is ~96 MiB: yank it while it is written.
         name = insert(mlab, image)
-        wait_for(lambda: (sticks(md).get(name) or {}).get("state") == "visiting"
-                 and (md.status().get("activity") or {}).get("done_bytes", 0) > 4 * MiB,
-                 60, every=0.02, what="the master writing onto the stick")
+        busy = wait_for(lambda: (lambda st: st if st.get("state") == "visiting" and st.get("done_bytes", 0) > 4 * MiB
+                                         else None)(sticks(md).get(name) or {}),
+                        60, every=0.02, what="the master writing onto the stick")
+        # Progress for the person waiting: bytes, the total and the time left.
+        assert busy["total_bytes"], busy
+        assert busy["total_bytes"] > busy["done_bytes"], busy
+        assert busy["eta_s"] is not None, busy
+        assert busy["message"].startswith("busy: do not remove"), busy
         fuse = subprocess.run(["pgrep", "-f", f"mount.exfat-fuse.*{name}"], capture_output=True, text=True)
         pids = [int(p) for p in fuse.stdout.split()]
         assert pids, "no FUSE process for the stick"
@@ -307,3 +325,31 @@ def test_unreadable_blank_and_read_only_sticks(tmp_path: Path, start_daemon: Cal
         pull(slab, name)
         assert sd.proc.poll() is None
         assert not mounted_under(slab.base)
+
+
+def test_stick_a_desktop_mounted(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    """A laptop as the school server: its desktop mounted the stick under /media/USER; the
+    daemon takes it there, flushes and reads back, and says to eject it on the desktop."""
+    _m, s, _mlab, slab = servers(tmp_path, {"a.txt": b"a\n"})
+    desk = tmp_path / "media-desktop"
+    (desk / "teacher").mkdir(parents=True)
+    text = s.config.read_text().replace("watch = []", f"watch = [{json.dumps(str(desk))}]")
+    s.config.write_text(text)
+    write_tree(s.source("stats"), {"v.json": b"{}\n"})
+    with slab:
+        sd = start_daemon(s)
+        image = slab.image("ext4", 32 * MiB)
+        name = slab.attach(image)
+        where = desk / "teacher" / "STICK"
+        where.mkdir()
+        sh("mount", "-o", "nosuid,nodev", f"/dev/{name}", str(where))
+        try:
+            st = wait_state(sd, name, ("safe-to-remove",))
+            assert "eject it on the desktop" in st["message"], st
+            assert st["path"] == str(where)
+            assert list((where / "HARMONIC" / "to-master").iterdir()), "the request is on the stick"
+            assert (where / "HARMONIC" / "RECEIPT-school-1.txt").exists()
+        finally:
+            sh("umount", str(where))
+        pull(slab, name)
+        wait_state(sd, name, ("gone",))
