@@ -353,3 +353,73 @@ def test_stick_a_desktop_mounted(tmp_path: Path, start_daemon: Callable[..., Dae
             sh("umount", str(where))
         pull(slab, name)
         wait_state(sd, name, ("gone",))
+
+
+def test_tricks_and_a_full_stick(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    """ext4 (FAT cannot hold these): links, a FIFO, a folder and a huge sparse file where
+    packs should be (RELIABILITY.md C6); then a stick with no room (B2). Each: a clear
+    line in status, the daemon running, nothing of the school's state changed."""
+    from tests.bad_input.helpers import pack_file_name
+
+    _m, s, _mlab, slab = servers(tmp_path, {"a.txt": b"a\n"})
+    with slab:
+        sd = start_daemon(s)
+        image = slab.image("ext4", 64 * MiB)
+        mnt = tmp_path / "prep"
+        mnt.mkdir()
+        sh("mount", "-o", "loop", str(image), str(mnt))
+        try:
+            s.ctl("stick", "prepare", str(mnt))
+            box = mnt / "HARMONIC" / "to-school-1"
+            box.mkdir()
+            os.symlink("/etc/passwd", box / pack_file_name("master-1", "link"))
+            os.mkfifo(box / pack_file_name("master-1", "fifo"))
+            (box / pack_file_name("master-1", "folder")).mkdir()
+            with open(box / pack_file_name("master-1", "sparse"), "wb") as f:
+                f.truncate(10 << 30)
+        finally:
+            sh("umount", str(mnt))
+        # The replica (what the master sent) is what a hostile stick must not touch; the
+        # school's own stats and backup may be published at a visit, as at any.
+        def replica() -> tuple[int, str | None]:
+            c = next(c for c in sd.status()["collections"] if c["name"] == "content")
+            return c["seq"], c["root"]
+        before = replica()
+        t0 = time.monotonic()
+        name = insert(slab, image)
+        st = wait_state(sd, name, ("safe-to-remove",))
+        assert time.monotonic() - t0 < 30, "nothing may hang the visit (a FIFO, a 10 GiB file)"
+        assert "FAILED: 4 pack(s) refused" in st["message"], st
+        for why in ("symbolic link", "not a regular file", "larger than any pack"):
+            assert why in st["message"], st
+        pull(slab, name)
+        assert replica() == before
+
+        # A stick with no room left: one line with the space needed, nothing half-written.
+        full = slab.image("ext4", 16 * MiB)
+        sh("mount", "-o", "loop", str(full), str(mnt))
+        try:
+            s.ctl("stick", "prepare", str(mnt))
+            sh("fallocate", "-l", f"{14 * MiB}", str(mnt / "homework.zip"), check=False)
+            with open(mnt / "filler", "wb") as f:
+                while True:
+                    try:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                    except OSError:
+                        break
+        finally:
+            sh("umount", str(mnt))
+        write_tree(s.source("stats"), {f"big{i}.bin": os.urandom(MiB) for i in range(3)})
+        name = insert(slab, full)
+        st = wait_state(sd, name, ("safe-to-remove",))
+        assert "FAILED" in st["message"], st
+        assert re.search(r"no room|full|needed", st["message"]), st
+        pull(slab, name)
+        inside = look_inside(slab, full)
+        try:
+            leftovers = [p.name for p in (inside / "HARMONIC").rglob("*") if p.name.endswith((".part", ".hpk"))]
+        finally:
+            unlook(inside)
+        assert leftovers == [], "nothing half-written stays on the stick"
+        assert sd.proc.poll() is None
