@@ -205,7 +205,8 @@ class StickManager:
         where = "" if ours else " (mounted by the desktop)"
         self._set(st, VISITING, f"busy: do not remove{where}")
         cfg = self.config()
-        fut = self.jobs.submit("stick", f"{m.device} at {m.mountpoint}", self._work(m.mountpoint, cfg),
+        # An exchange like a typed one (INTERFACE.md's activity kinds), its detail naming the stick.
+        fut = self.jobs.submit("exchange", f"{m.device} at {m.mountpoint}", self._work(m.mountpoint, cfg),
                                key=f"stick:{m.device}:{m.mountpoint}")
         self._jobs[m.device] = fut
         fut.add_done_callback(lambda f: self._visited_done(st, m.mountpoint, f))
@@ -295,7 +296,7 @@ class StickManager:
         with self._lock:
             sticks = [st.as_json() for st in self.sticks.values()]
         for s in sticks:
-            busy = cur is not None and cur["kind"] == "stick" and cur["detail"].startswith(s["device"] + " ")
+            busy = cur is not None and cur["kind"] == "exchange" and cur["detail"] == f"{s['device']} at {s['path']}"
             if s["state"] == VISITING and cur is not None and busy:
                 s["done_bytes"], s["total_bytes"], s["eta_s"] = cur["done_bytes"], cur["total_bytes"], cur["eta_s"]
             if s["state"] == INSERTED and time.time() - _ts(s["since"]) > MOUNT_HINT_AFTER:
