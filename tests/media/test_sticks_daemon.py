@@ -10,13 +10,14 @@ the image, as that unit would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,20 @@ def look_inside(lab: StickLab, image: Path) -> Path:
 
 def unlook(where: Path) -> None:
     sh("umount", str(where), check=False)
+
+
+@contextlib.contextmanager
+def prepared(server: Server, lab: StickLab, image: Path) -> Iterator[Path]:
+    """A person prepares the stick (ext4 image) on a server: `harmonicctl stick prepare`,
+    with the stick mounted read-write elsewhere; the body may put more on it."""
+    where = lab.tmp / f"prep-{image.stem}-{time.monotonic_ns()}"
+    where.mkdir()
+    sh("mount", "-o", "loop", str(image), str(where))
+    try:
+        server.ctl("stick", "prepare", str(where))
+        yield where
+    finally:
+        sh("umount", str(where))
 
 
 def servers(tmp: Path, content: dict[str, bytes]) -> tuple[Server, Server, StickLab, StickLab]:
@@ -170,13 +185,8 @@ def test_unprepared_stick_is_never_written(tmp_path: Path, start_daemon: Callabl
         finally:
             unlook(inside)
         # Prepared by a person: the next insertion is used.
-        mnt = tmp_path / "prep"
-        mnt.mkdir()
-        sh("mount", "-o", "loop", str(image), str(mnt))
-        try:
-            s.ctl("stick", "prepare", str(mnt))
-        finally:
-            sh("umount", str(mnt))
+        with prepared(s, slab, image):
+            pass
         name = insert(slab, image)
         st = wait_state(sd, name, ("safe-to-remove",))
         assert "not prepared" not in st["message"], st
@@ -312,13 +322,8 @@ def test_unreadable_blank_and_read_only_sticks(tmp_path: Path, start_daemon: Cal
         pull(slab, name)
         # A write-protected stick: read what it carries, say it could not be written.
         ro = slab.image("ext4", 32 * MiB)
-        mnt = tmp_path / "prep"
-        mnt.mkdir()
-        sh("mount", "-o", "loop", str(ro), str(mnt))
-        try:
-            s.ctl("stick", "prepare", str(mnt))
-        finally:
-            sh("umount", str(mnt))
+        with prepared(s, slab, ro):
+            pass
         name = insert(slab, ro, read_only=True)
         st = wait_state(sd, name, ("safe-to-remove",))
         assert "write-protected" in st["message"], st
@@ -365,11 +370,7 @@ def test_tricks_and_a_full_stick(tmp_path: Path, start_daemon: Callable[..., Dae
     with slab:
         sd = start_daemon(s)
         image = slab.image("ext4", 64 * MiB)
-        mnt = tmp_path / "prep"
-        mnt.mkdir()
-        sh("mount", "-o", "loop", str(image), str(mnt))
-        try:
-            s.ctl("stick", "prepare", str(mnt))
+        with prepared(s, slab, image) as mnt:
             box = mnt / "HARMONIC" / "to-school-1"
             box.mkdir()
             os.symlink("/etc/passwd", box / pack_file_name("master-1", "link"))
@@ -377,8 +378,6 @@ def test_tricks_and_a_full_stick(tmp_path: Path, start_daemon: Callable[..., Dae
             (box / pack_file_name("master-1", "folder")).mkdir()
             with open(box / pack_file_name("master-1", "sparse"), "wb") as f:
                 f.truncate(10 << 30)
-        finally:
-            sh("umount", str(mnt))
         # The replica (what the master sent) is what a hostile stick must not touch; the
         # school's own stats and backup may be published at a visit, as at any.
         def replica() -> tuple[int, str | None]:
@@ -397,19 +396,13 @@ def test_tricks_and_a_full_stick(tmp_path: Path, start_daemon: Callable[..., Dae
 
         # A stick with no room left: one line with the space needed, nothing half-written.
         full = slab.image("ext4", 16 * MiB)
-        sh("mount", "-o", "loop", str(full), str(mnt))
-        try:
-            s.ctl("stick", "prepare", str(mnt))
-            sh("fallocate", "-l", f"{14 * MiB}", str(mnt / "homework.zip"), check=False)
-            with open(mnt / "filler", "wb") as f:
-                while True:
-                    try:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                    except OSError:
-                        break
-        finally:
-            sh("umount", str(mnt))
+        with prepared(s, slab, full) as mnt, open(mnt / "homework.zip", "wb") as f:
+            while True:  # a pupil's files fill it up
+                try:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+                except OSError:
+                    break
         write_tree(s.source("stats"), {f"big{i}.bin": os.urandom(MiB) for i in range(3)})
         name = insert(slab, full)
         st = wait_state(sd, name, ("safe-to-remove",))
