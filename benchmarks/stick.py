@@ -14,8 +14,11 @@ by themselves.
 
 Before the measure (not timed): the master publishes v1 of the generated
 school tree (benchmarks/gen.py, as run.py), the school gets it through a
-folder (`harmonicctl exchange`), the master publishes v2: the core issue's
-change set. Then, with the daemons running, for each file system:
+folder (`harmonicctl exchange`) and its next request (it holds v1) reaches
+the master, the master publishes v2: the core issue's change set, and builds
+its shared packs ahead (services/shared.prepare, as the master's daemon does
+as a job after each publish: v1 -> v2 and v2 whole; --no-prepare leaves them
+to the first visit). Then, with the daemons running, for each file system:
 
 1. at the school: a blank image inserted; the school writes its request onto
    it (adopt_blank); "safe to remove"; pulled;
@@ -84,9 +87,24 @@ HELPER = ("import os, sys\n"
           "    import hctl; hctl.use_code(code)\n"
           "from harmonicd.media.helper import main\n"
           "sys.exit(main(sys.argv[1:]))\n")
+# shared.prepare on the master's state, as the master's daemon runs it as a job after each publish.
+PREPARE = ("import os, sys, time\n"
+           "sys.path.insert(0, os.environ['HBENCH_HERE'])\n"
+           "code = os.environ.get('HBENCH_CODE')\n"
+           "if code:\n"
+           "    import hctl; hctl.use_code(code)\n"
+           "from harmonicd import config\n"
+           "from harmonicd.services import shared\n"
+           "from harmonicd.store.store import Store\n"
+           "store = Store(config.load(sys.argv[1]))\n"
+           "for line in shared.prepare(store):\n"
+           "    print(line)\n"
+           "store.close()\n")
 # The functions of a visit whose cumulative time the profiled rerun reports, by what they do.
 PHASES = [("visit (whole)", "services/stick.py", "visit"),
           ("import the request", "services/stick.py", "_import_all"),
+          ("find the shared packs (build any not built ahead)", "services/shared.py", "for_school"),
+          ("copy the shared packs", "services/stick.py", "_copy_parts"),
           ("plan the answer", "services/exchange.py", "planned"),
           ("write the packs", "services/exchange.py", "write_packs"),
           ("syncfs", "store/durable.py", "syncfs"),
@@ -99,6 +117,13 @@ def sh(*cmd: str) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()}")
+    return p.stdout
+
+
+def sh_env(env: dict[str, str], *cmd: str) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=TIMEOUT, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:2])} exited {p.returncode}: {p.stderr.strip()}")
     return p.stdout
 
 
@@ -380,11 +405,23 @@ def bench(a: argparse.Namespace, rep: Report) -> None:
 
     print("\n--- the school gets v1 through a folder; the master publishes v2 (not timed)", flush=True)
     m.ctl("publish", "content", v1)
-    for server in (s, m, s):
+    # The school takes v1, and its next request (it holds v1) reaches the master.
+    for server in (s, m, s, m):
         server.ctl("exchange", folder)
     if h.tree_digest(s.deployed) != h.input_digest(v1):
         raise RuntimeError("the school's deployed tree is not v1")
     m.ctl("publish", "content", v2)
+    if a.no_prepare:
+        raw["prepared"] = None
+    else:
+        env = {**os.environ, "HBENCH_HERE": h.HERE}
+        if h.CODE["path"] is not None:
+            env["HBENCH_CODE"] = str(h.CODE["path"])
+        t = time.monotonic()
+        built = sh_env(env, h.PY, "-c", PREPARE, m.config).splitlines()
+        raw["prepared"] = {"built": built, "wall_s": time.monotonic() - t}
+        print(f"the master's shared packs built ahead (shared.prepare) in {raw['prepared']['wall_s']:.1f} s: "
+              + "; ".join(built), flush=True)
     saved = os.path.join(base, "school-1-v1")
     subprocess.run(["cp", "-a", s.state, saved], check=True)  # put back before the second row
 
@@ -416,7 +453,7 @@ def bench(a: argparse.Namespace, rep: Report) -> None:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)
     for fs in a.fs_rows:
-        report(rep, fs, raw[fs], nfiles, nbytes)
+        report(rep, fs, raw[fs], nfiles, nbytes, raw["prepared"])
 
 
 def row(a: argparse.Namespace, lab: Lab, m: h.Server, s: h.Server, md: D.DaemonProc, sd: D.DaemonProc,
@@ -527,7 +564,8 @@ def breakdown(x: dict[str, Any]) -> list[tuple[str, float]]:
     return out
 
 
-def report(rep: Report, fs: str, r: dict[str, Any], nfiles: int, nbytes: int) -> None:
+def report(rep: Report, fs: str, r: dict[str, Any], nfiles: int, nbytes: int,
+           prepared: dict[str, Any] | None) -> None:
     x, y = r["master"], r["school"]
     onto, off = best(r["cp_onto"]), best(r["cp_off"])
     name = "exFAT (FUSE)" if fs == "exfat" else "ext4"
@@ -543,6 +581,9 @@ def report(rep: Report, fs: str, r: dict[str, Any], nfiles: int, nbytes: int) ->
             "attach+mount+cp+sync+umount", R.secs(onto["total_s"]), y["total_s"] / onto["total_s"]),
         Row("school: its request (blank stick adopted)", R.secs(r["request"]["total_s"])),
         Row("pack bytes the master wrote", f"{R.mib(r['pack_bytes'])} in {len(r['packs'])} file(s)"),
+        Row("shared packs built ahead (shared.prepare, not timed)",
+            "no (--no-prepare)" if prepared is None else
+            f"{R.secs(prepared['wall_s'])}: {'; '.join(prepared['built']) or 'nothing to build'}"),
         Row("change applied at the school", "yes" if ok else "NO", "", "", None, "content release 2, tree = v2", ok),
     ]
     for label, secs in breakdown(x):
@@ -605,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where state and stick images live: a fresh ext4 image (default) or the work folder")
     p.add_argument("--out", help="results file without extension (default benchmarks/results/stick)")
     p.add_argument("--keep", action="store_true", help="keep the servers' folders")
+    p.add_argument("--no-prepare", action="store_true",
+                   help="do not build the master's shared packs ahead (shared.prepare): the visit builds them")
     p.add_argument("--no-snapshot", action="store_true", help="run the working tree's harmonicd as it is")
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
     a = p.parse_args(argv)

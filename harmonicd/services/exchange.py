@@ -803,13 +803,9 @@ def write_packs(store: Store, out: Outgoing, folder: str,
     spent = 0  # what the closed volumes take of the budget
 
     def header(v: int) -> Header:
-        return Header(pack_id=pack_id, sender=cfg.id, sender_key=store.key.public,
-                      recipient=out.recipient, recipient_key=out.recipient_key, created=created,
-                      volume=v, have=out.have, releases=[(r.body, r.sig) for r in out.releases],
-                      acks=out.acks, plan={"objects": len(wants), "bytes": total})
+        return _header(store, out, pack_id, created, v, len(wants), total)
 
-    # A volume number takes at most 5 bytes more than the first one's.
-    bare = empty_size(header(1)) + 8
+    bare = _bare(header(1))
     if budget is not None and on_disk(bare, block) > budget:
         raise NoRoom(f"no room in {folder} for the pack for {res.recipient}: about "
                             f"{durable.mib(bare + need_bytes(wants))} needed, {durable.mib(max(budget, 0))} "
@@ -911,6 +907,26 @@ def write_packs(store: Store, out: Outgoing, folder: str,
         for i in range(1, volume + 1):
             store.db.record_pack(pack_id, i, "out", res.recipient, created, res.objects, res.bytes)
     return res
+
+
+def _header(store: Store, out: Outgoing, pack_id: bytes, created: int, volume: int, objects: int,
+            total: int) -> Header:
+    return Header(pack_id=pack_id, sender=store.cfg.id, sender_key=store.key.public,
+                  recipient=out.recipient, recipient_key=out.recipient_key, created=created,
+                  volume=volume, have=out.have, releases=[(r.body, r.sig) for r in out.releases],
+                  acks=out.acks, plan={"objects": objects, "bytes": total})
+
+
+def _bare(first: Header) -> int:
+    # A volume number takes at most 5 bytes more than the first one's.
+    return empty_size(first) + 8
+
+
+def least_bytes(store: Store, out: Outgoing, wants: list[Want]) -> int:
+    """What the pack for out takes at least (its header and closing, no object): the
+    room to keep for it when other files share its budget (shared packs on a stick)."""
+    return _bare(_header(store, out, new_pack_id(), int(time.time()), 1, len(wants),
+                         sum(w.size for w in wants)))
 
 
 def _abandon(f: durable.WriteBehind | None, tmp: str, written: list[str]) -> None:

@@ -27,7 +27,6 @@ from harmonicd.services.exchange import (
     ImportResult,
     _supersede,
     for_master,
-    for_school,
     import_pack,
     write_packs,
 )
@@ -79,13 +78,13 @@ def answer(store: Store, request: str,
     peer = store.db.peer(got.sender)
     if peer is None or peer.role != "node":
         raise PackError(f"{os.path.basename(request)}: not from an enrolled school server")
-    common = shared.for_school(store, got.sender, progress)
+    plan = shared.answer(store, got.sender, progress)
     dest = outbox(store, got.sender)
     os.makedirs(dest, exist_ok=True)
-    res = write_packs(store, for_school(store, got.sender, common.collections), dest, progress)
+    res = write_packs(store, plan.rest, dest, progress)
     _supersede(dest, store.cfg.id, res.files)
-    res.files = common.files + res.files
-    res.releases = common.releases + res.releases
+    res.files = plan.shared.files + res.files
+    res.releases = plan.shared.releases + res.releases
     return got, res
 
 

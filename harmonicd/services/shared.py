@@ -9,14 +9,19 @@ The HTTP server serves it at a URL naming that hash, so the URL's bytes never
 change: HTTP caches (nginx) may keep it for a year, and the 200th school at
 the same release costs the master a file lookup, not a tree walk and a pack.
 
+A stick carries the same answer (services/stick.py): the shared packs are
+copied onto it as they are, with the per-school pack beside them. prepare()
+builds them ahead, after each publish, so that the first school's answer
+copies files instead of planning and compressing.
+
 Only what is the same for every school goes there: a school that holds part
 of an unfinished release (its have-state lists it as pending) gets that
 collection planned from its own state in its per-school pack, as before.
 
 ``index.json`` names the packs built: {key: entry}, key
 ``<collection>:<from root hex or ->:<to root hex>``. Entries for releases that
-are no longer the latest are dropped at each answer and at gc; at most
-MAX_ENTRIES are kept (least recently used go first).
+are no longer the latest are dropped at each answer, at prepare and at gc;
+at most MAX_ENTRIES are kept (least recently used go first).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from typing import Any
 from harmonicd.core.codec import unpack_msg
 from harmonicd.core.objects import ObjectId
 from harmonicd.errors import HarmonicError
-from harmonicd.services.exchange import Outgoing, _known_from, stored_have, write_packs
+from harmonicd.services.exchange import Outgoing, _known_from, on_disk, stored_have, write_packs
+from harmonicd.services.exchange import for_school as exchange_for_school
 from harmonicd.store import durable
+from harmonicd.store.db import Collection, ReleaseRow
 from harmonicd.store.store import Store
 
 log = logging.getLogger("harmonicd")
@@ -47,14 +54,73 @@ MAX_ENTRIES = 64  # (collection, from, to) packs kept; a school at an unusual re
 DIGEST_HEX = 64
 
 
+@dataclass(frozen=True)
+class Part:
+    """One shared pack (in one or more volume files): the latest release of one
+    collection, as a delta from a release some school holds, or whole."""
+
+    collection: str
+    release: str  # for reports: "content release 2", as write_packs names it
+    files: tuple[str, ...]  # STATE/shared/<digest>/<name>, in order
+    sizes: tuple[int, ...]
+    objects: int = 0
+
+    def on_disk(self, block: int) -> int:
+        """What its files take of a file system allocating whole blocks of block bytes."""
+        return sum(on_disk(n, block) for n in self.sizes)
+
+
 @dataclass
 class Shared:
     """What of a school's answer goes in shared packs."""
 
-    collections: frozenset[str] = frozenset()  # collection names left out of the per-school pack
-    files: list[str] = field(default_factory=list)  # STATE/shared/<digest>/<name>, in order
-    releases: list[str] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
     built: int = 0  # packs built by this answer (the others were already there)
+
+    @property
+    def collections(self) -> frozenset[str]:
+        """Collection names left out of the per-school pack."""
+        return frozenset(p.collection for p in self.parts)
+
+    @property
+    def files(self) -> list[str]:
+        return [f for p in self.parts for f in p.files]
+
+    @property
+    def releases(self) -> list[str]:
+        return [p.release for p in self.parts]
+
+    def within(self, room: int, block: int) -> Shared:
+        """The parts that fit whole in room (in whole blocks), in order: a shared pack
+        goes whole or not at all; a smaller one further on may still fit."""
+        out = Shared(built=self.built)
+        for p in self.parts:
+            if p.on_disk(block) <= room:
+                out.parts.append(p)
+                room -= p.on_disk(block)
+        return out
+
+
+@dataclass
+class Answer:
+    """The master's answer to one school, as online sync and a stick carry it: the
+    shared packs (whole files, the same for every school at the same release), then
+    the per-school pack planned from what is left (acknowledgements, collections
+    for that school alone, collections whose shared pack is not taken)."""
+
+    shared: Shared
+    rest: Outgoing
+
+
+def answer(store: Store, school: str, progress: Callable[[int], None] | None = None, *,
+           room: int | None = None, block: int = 1) -> Answer:
+    """Plan the master's answer to an enrolled school. Online every shared pack is
+    named (room None); on a stick only those that fit whole in room go, and the
+    collections of the others are planned in the per-school pack, where what fits goes."""
+    common = for_school(store, school, progress)
+    if room is not None:
+        common = common.within(room, block)
+    return Answer(common, exchange_for_school(store, school, common.collections))
 
 
 def shared_dir(store: Store) -> str:
@@ -68,7 +134,9 @@ def file_digest(path: str) -> str:
 
 
 def _pending_keys(have: bytes | None) -> set[str]:
-    """Collections (owner/name) a school holds part of an unfinished release of."""
+    """Collections a school holds part of an unfinished release of, by name: until a
+    school's first release of a collection is complete it knows the master only as
+    "master" (its configuration's placeholder), so the owner is not compared."""
     if not have:
         return set()
     try:
@@ -79,7 +147,7 @@ def _pending_keys(have: bytes | None) -> set[str]:
     pend = raw.get("pending") if isinstance(raw, dict) else None
     for p in pend if isinstance(pend, list) else []:
         if isinstance(p, list) and p and isinstance(p[0], str):
-            out.add(p[0])
+            out.add(p[0].rpartition("/")[2])
     return out
 
 
@@ -116,6 +184,55 @@ def _whole(store: Store, entry: dict[str, Any]) -> bool:
     return True
 
 
+def _for_everyone(store: Store) -> list[Collection]:
+    """The master's collections whose latest release is the same for every school."""
+    return [c for c in store.db.collections() if c.mode == "owned" and c.root is not None and c.target is None]
+
+
+def _base(store: Store, c: Collection, theirs: tuple[int, ObjectId] | None) -> ObjectId | None:
+    """The root a school's shared pack of c is a delta from: the release it holds, if
+    that is a release of ours whose objects we still have; else None (the whole release)."""
+    if theirs is None:
+        return None
+    old = store.db.release(c.name, theirs[0])
+    if old is not None and old.root == theirs[1] and store.objects.has(old.root):
+        return old.root
+    return None
+
+
+def _key(name: str, base: ObjectId | None, root: ObjectId) -> str:
+    return f"{name}:{base.hex() if base else '-'}:{root.hex()}"
+
+
+def _part(store: Store, entry: dict[str, Any], label: str) -> Part:
+    files = entry["files"]
+    return Part(collection=str(entry["collection"]), release=label,
+                files=tuple(os.path.join(shared_dir(store), f["sha256"], f["name"]) for f in files),
+                sizes=tuple(int(f["size"]) for f in files), objects=int(entry.get("objects", 0)))
+
+
+def _ensure(store: Store, index: dict[str, dict[str, Any]], c: Collection, row: ReleaseRow,
+            base: ObjectId | None, progress: Callable[[int], None] | None, now: int) -> tuple[str, bool]:
+    """The index key of c's shared pack from base, built first if not there whole.
+    Returns the key and whether it was built now."""
+    ikey = _key(c.name, base, row.root)
+    entry = index.get(ikey)
+    built = entry is None or not _whole(store, entry)
+    if built:
+        index[ikey] = _build(store, c.name, row.seq, row.root, base, row, progress)
+    index[ikey]["used"] = now
+    return ikey, built
+
+
+def _bound(store: Store, index: dict[str, dict[str, Any]], used: set[str]) -> None:
+    """At most MAX_ENTRIES packs kept: the least recently used others go first."""
+    if len(index) > MAX_ENTRIES:
+        stale = sorted((k for k in index if k not in used), key=lambda k: int(index[k].get("used", 0)))
+        for k in stale[: len(index) - MAX_ENTRIES]:
+            del index[k]
+        _sweep(store, index)
+
+
 def for_school(store: Store, school: str, progress: Callable[[int], None] | None = None) -> Shared:
     """The shared packs a school's answer names, built if not yet there. Runs as the
     master's answer job (the store's lock held: one writer of STATE/shared/)."""
@@ -128,47 +245,93 @@ def for_school(store: Store, school: str, progress: Callable[[int], None] | None
     index = _load(store)
     changed = prune(store, index)
     out = Shared()
-    names: set[str] = set()
     used: set[str] = set()
     now = int(time.time())
-    for c in db.collections():
-        if c.mode != "owned" or c.root is None or c.target is not None:
-            continue
+    for c in _for_everyone(store):
         key = f"{c.owner}/{c.collection}"
         theirs = held.get(key)
-        if (theirs is not None and theirs[0] >= c.seq) or key in pending:
+        if (theirs is not None and theirs[0] >= c.seq) or c.collection in pending:
             continue
         row = db.release(c.name, c.seq)
         if row is None:
             continue
-        # A delta from what the school holds, if that is a release of ours whose
-        # objects we still have; otherwise the whole release (shared with new schools).
-        base: ObjectId | None = None
-        if theirs is not None:
-            old = db.release(c.name, theirs[0])
-            if old is not None and old.root == theirs[1] and store.objects.has(old.root):
-                base = old.root
-        ikey = f"{c.name}:{base.hex() if base else '-'}:{row.root.hex()}"
-        entry = index.get(ikey)
-        if entry is None or not _whole(store, entry):
-            entry = _build(store, c.name, row.seq, row.root, base, row, progress)
-            index[ikey] = entry
-            out.built += 1
-        entry["used"] = now
+        ikey, built = _ensure(store, index, c, row, _base(store, c, theirs), progress, now)
+        out.built += built
         used.add(ikey)
         changed = True
-        names.add(c.name)
-        out.releases.append(f"{c.name} release {row.seq} (shared)")
-        out.files += [os.path.join(shared_dir(store), f["sha256"], f["name"]) for f in entry["files"]]
-    if len(index) > MAX_ENTRIES:
-        stale = sorted((k for k in index if k not in used), key=lambda k: int(index[k].get("used", 0)))
-        for k in stale[: len(index) - MAX_ENTRIES]:
-            del index[k]
-        _sweep(store, index)
+        out.parts.append(_part(store, index[ikey], f"{c.name} release {row.seq}"))
+    _bound(store, index, used)
     if changed:
         _save(store, index)
-    out.collections = frozenset(names)
     return out
+
+
+def whole_releases(store: Store, names: set[str]) -> list[Part]:
+    """The shared packs already built of the latest releases of the collections named,
+    whole (from nothing): what a stick's to-everyone/ carries. Nothing is built here."""
+    index = _load(store)
+    out = []
+    for c in _for_everyone(store):
+        if c.name not in names:
+            continue
+        row = store.db.release(c.name, c.seq)
+        entry = index.get(_key(c.name, None, row.root)) if row is not None else None
+        if row is not None and entry is not None and _whole(store, entry):
+            out.append(_part(store, entry, f"{c.name} release {row.seq}"))
+    return out
+
+
+def prepare(store: Store, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Build ahead the shared packs enrolled schools will ask for: of the latest release
+    of each collection for everyone, a delta from each release some school last said it
+    holds (peer.have), and the whole release (new schools, to-everyone/ on sticks). Then
+    the first school's answer after a publish, online or on a stick, copies files
+    instead of planning and compressing. Runs as a job of the master's daemon after
+    each publish (the store's lock held). Returns what was built, one line each; the
+    most asked-for first, at most MAX_ENTRIES kept."""
+    db = store.db
+    index = _load(store)
+    changed = prune(store, index)
+    colls = _for_everyone(store)
+    # (collection, base) -> how many schools will ask for it; the whole release always.
+    asked: dict[tuple[str, ObjectId | None], int] = {}
+    from_seq: dict[tuple[str, ObjectId | None], int] = {}
+    for c in colls:
+        asked[(c.name, None)] = 0
+    for peer in db.peers("node"):
+        if peer.revoked:
+            continue
+        held, _partial = stored_have(peer.have)
+        pending = _pending_keys(peer.have)
+        for c in colls:
+            key = f"{c.owner}/{c.collection}"
+            theirs = held.get(key)
+            if (theirs is not None and theirs[0] >= c.seq) or c.collection in pending:
+                continue
+            b = (c.name, _base(store, c, theirs))
+            asked[b] = asked.get(b, 0) + 1
+            if b[1] is not None and theirs is not None:
+                from_seq[b] = theirs[0]
+    by_name = {c.name: c for c in colls}
+    order = sorted(asked, key=lambda k: (-asked[k], k[0], k[1] is None, k[1] or b""))[:MAX_ENTRIES]
+    done: list[str] = []
+    used: set[str] = set()
+    now = int(time.time())
+    for name, base in order:
+        c = by_name[name]
+        row = db.release(c.name, c.seq)
+        if row is None:
+            continue
+        ikey, built = _ensure(store, index, c, row, base, progress, now)
+        used.add(ikey)
+        changed = True
+        if built:
+            done.append(f"{c.name} release {row.seq} "
+                        + (f"from release {from_seq[(name, base)]}" if base is not None else "whole"))
+    _bound(store, index, used)
+    if changed:
+        _save(store, index)
+    return done
 
 
 def _build(store: Store, name: str, seq: int, root: ObjectId, base: ObjectId | None, row: Any,
@@ -196,7 +359,7 @@ def _build(store: Store, name: str, seq: int, root: ObjectId, base: ObjectId | N
     log.info("built the shared pack of %s release %d (%s), %d bytes", name, seq,
              f"delta from {base.hex()[:12]}" if base else "whole", total)
     return {"collection": name, "seq": seq, "from": base.hex() if base else None, "to": root.hex(),
-            "files": files, "created": int(time.time())}
+            "files": files, "objects": res.objects, "created": int(time.time())}
 
 
 def prune(store: Store, index: dict[str, dict[str, Any]] | None = None) -> bool:

@@ -13,12 +13,18 @@ The order (RELIABILITY.md §3.6, "Packs on a stick"):
    (``[media] free_margin``) and a little for the receipt. What does not fit
    is left out, most useful first (core/diff.py's order) and goes next trip:
    the receiver keeps what arrived and lists it in its next request, so
-   nothing is sent twice. On the master the room is shared fairly between the
-   schools answered (water-filling: a school that needs less than an equal
-   share takes what it needs, the others split the rest); then, if the
-   latest releases for every school fit whole, they go to ``to-everyone/``
-   (a pack with no recipient), so a school that left no request on this stick
-   is brought up to date too. A school server with an upstream relays for the
+   nothing is sent twice. On the master each answer is the one online sync
+   makes (services/shared.py): the shared packs of the collections for
+   everyone, copied whole from ``STATE/shared/`` (built once for every school
+   at the same release, ahead by shared.prepare), then a small pack for the
+   school alone; a shared pack that does not fit whole is replaced by the
+   school's own plan, of which what fits goes. The room is shared fairly
+   between the schools answered (water-filling: a school that needs less than
+   an equal share takes what it needs, the others split the rest); then, if
+   the latest releases for every school fit whole, they go to
+   ``to-everyone/`` (packs with no recipient: the shared packs of the whole
+   releases when built), so a school that left no request on this stick is
+   brought up to date too. A school server with an upstream relays for the
    other schools whose requests are on the stick (services/relay.py).
 4. ``syncfs``, then every file written is read back with its cached pages
    dropped and checked against the hash taken while it was written: a stick
@@ -57,7 +63,7 @@ from harmonicd.errors import (
     StoreError,
     TrustError,
 )
-from harmonicd.services import relay
+from harmonicd.services import relay, shared
 from harmonicd.services.exchange import (
     MAILBOX,
     TO_MASTER,
@@ -68,11 +74,12 @@ from harmonicd.services.exchange import (
     _remove_imported,
     _supersede,
     for_master,
-    for_school,
     import_pack,
     lacking,
+    least_bytes,
     list_packs,
     need_bytes,
+    on_disk,
     planned,
     stored_have,
     to_folder,
@@ -302,32 +309,102 @@ def _master_writes(store: Store, box: str, answered: set[str], v: VisitReport, m
         _supersede(os.path.join(box, to_folder(school)), cfg.id, [])
     _supersede(os.path.join(box, TO_EVERYONE), cfg.id, [])
     room, block = _room(box, margin)
+    # Each answer as online sync makes it (services/shared.py): the shared packs of
+    # the collections for everyone, copied as they are (built once for all schools,
+    # ahead by shared.prepare), then the small per-school pack.
     answers = []
     for school in schools:
-        out = for_school(store, school)
-        wants = planned(store, out)
-        answers.append((need_bytes(wants), school, out, wants))
+        # Building a shared pack not built ahead (shared.prepare) is not counted as
+        # progress: the visit's total is not known yet, and it is work on this server.
+        a = shared.answer(store, school)
+        wants = planned(store, a.rest)
+        answers.append((_shared_bytes(a.shared.parts, block) + need_bytes(wants), school, a, wants))
     if on_total:
-        on_total(read + max(0, min(room, sum(a[0] for a in answers))))
+        on_total(read + max(0, min(room, sum(x[0] for x in answers))))
     fault_hook("stick-room", box)
     # Fair shares: the smallest answers first, each taking at most an equal share
     # of what is left, so what one does not use goes to the others.
-    answers.sort(key=lambda a: (a[0], a[1]))
-    for i, (need, school, out, wants) in enumerate(answers):
+    answers.sort(key=lambda x: (x[0], x[1]))
+    for i, (need, school, a, wants) in enumerate(answers):
         share = max(0, room) // (len(answers) - i)
-        res = _write(store, box, to_folder(school), out, wants, share, block, progress, v, school, need)
+        res = _answer(store, box, school, a, wants, share, block, progress, v, need)
         if res is not None:
             room -= res.stick_bytes
     _broadcast(store, box, schools, room, block, progress, v)
+
+
+def _shared_bytes(parts: list[shared.Part], block: int) -> int:
+    return sum(p.on_disk(block) for p in parts)
+
+
+def _answer(store: Store, box: str, school: str, a: shared.Answer, wants: list[Want], share: int, block: int,
+            progress: Callable[[int], None] | None, v: VisitReport, need: int) -> ExportResult | None:
+    """One school's answer within its share: the shared packs that fit whole, copied,
+    then its own pack (acknowledgements first of all) with what fits of the rest."""
+    folder = to_folder(school)
+    if a.shared.parts:
+        keep = on_disk(least_bytes(store, a.rest, wants), block)
+        if _shared_bytes(a.shared.parts, block) + keep > share:
+            # Not every shared pack fits whole: those that do go; the collections of the
+            # others are planned from the school's state, most useful first, and what
+            # fits of them goes (the school says what it got in its next request).
+            a = shared.answer(store, school, room=share - keep, block=block)
+            wants = planned(store, a.rest)
+    copied = _copy_parts(a.shared.parts, os.path.join(box, folder), block, progress, ExportResult(school))
+    if copied.files and not (a.rest.releases or a.rest.acks):
+        # The shared packs carry all of it: a pack with nothing in it would only be
+        # one more file to write, read back and import.
+        v.report.exported.append(copied)
+        return copied
+    res = _write(store, box, folder, a.rest, wants, share - copied.stick_bytes, block, progress, v, school, need)
+    if res is None:
+        if not copied.files:
+            return None
+        v.report.exported.append(copied)
+        return copied
+    _merge(copied, res)
+    return res
+
+
+def _copy_parts(parts: list[shared.Part], dest: str, block: int, progress: Callable[[int], None] | None,
+                res: ExportResult) -> ExportResult:
+    """Shared packs copied whole into dest, each file's hash taken while copying (for
+    the read-back), into res."""
+    if parts:
+        _real_dir(dest)
+    for part in parts:
+        for src, size in zip(part.files, part.sizes, strict=True):
+            target = os.path.join(dest, os.path.basename(src))
+            res.sums[target] = relay._copy_durably(src, target, progress)
+            res.files.append(target)
+            res.bytes += size
+            res.raw_bytes += size
+            res.stick_bytes += on_disk(size, block)
+        res.objects += part.objects
+        res.releases.append(part.release)
+    return res
+
+
+def _merge(first: ExportResult, res: ExportResult) -> None:
+    """res becomes first's files followed by its own (both for one recipient)."""
+    res.files = first.files + res.files
+    res.sums.update(first.sums)
+    res.releases = first.releases + res.releases
+    res.objects += first.objects
+    res.raw_bytes += first.raw_bytes
+    res.bytes += first.bytes
+    res.stick_bytes += first.stick_bytes
 
 
 def _broadcast(store: Store, box: str, answered: list[str], room: int, block: int,
                progress: Callable[[int], None] | None, v: VisitReport) -> None:
     """The latest releases for everyone that some enrolled school which left no
     request on this stick lacks (by what it last said it holds; a school never
-    heard from lacks all), whole, into to-everyone/: a pack with no recipient,
-    which any school of this master may take. Only if it fits whole: half a
-    release for schools that did not ask is worth less than the room."""
+    heard from lacks all), whole, into to-everyone/: packs with no recipient,
+    which any school of this master may take. The shared packs of those releases
+    from nothing (services/shared.py) are copied when built already; the others
+    are planned into one pack. Only if everything fits whole: half a release for
+    schools that did not ask is worth less than the room."""
     db = store.db
     colls = [c for c in db.collections() if c.mode == "owned" and c.target is None and c.root is not None]
     lacked: dict[str, Collection] = {}
@@ -339,30 +416,38 @@ def _broadcast(store: Store, box: str, answered: list[str], room: int, block: in
             theirs = held.get(f"{c.owner}/{c.collection}")
             if theirs is None or theirs[0] < c.seq:
                 lacked[c.name] = c
-    releases, roots, _known = lacking(store, sorted(lacked.values(), key=lambda c: c.name), {})
-    if not releases:
+    if not lacked:
         return
+    parts = shared.whole_releases(store, set(lacked))
+    copied = {p.collection for p in parts}
+    rest = sorted((c for c in lacked.values() if c.name not in copied), key=lambda c: c.name)
+    releases, roots, _known = lacking(store, rest, {})
     out = Outgoing(recipient=None, recipient_key=None, releases=releases, roots=roots, known=set(), held=set(),
                    acks=[], have={})
-    wants = planned(store, out)
-    need = need_bytes(wants)
-    what = ", ".join(f"{r.name} release {r.seq}" for r in releases)
+    wants = planned(store, out) if releases else []
+    need = _shared_bytes(parts, block) + (need_bytes(wants) + on_disk(least_bytes(store, out, wants), block)
+                                          if releases else 0)
+    what = ", ".join([p.release for p in parts]
+                     + [f"{r.name} release {r.seq}" for r in releases])
     no_room = f"for every school: {what} ({durable.mib(need)}) did not fit; not put on this stick"
     if need > room:
         v.left_over.append(no_room)
         return
     dest = os.path.join(box, TO_EVERYONE)
-    try:
-        res = write_packs(store, out, dest, progress, wants=wants, budget=room, block=block)
-    except NoRoom:
-        v.left_over.append(no_room)
-        return
-    if res.left_objects:
-        for p in res.files:
-            os.unlink(p)
-        durable.fsync_dir(dest)
-        v.left_over.append(no_room)
-        return
+    res = _copy_parts(parts, dest, block, progress, ExportResult("every school"))
+    if releases:
+        try:
+            w = write_packs(store, out, dest, progress, wants=wants, budget=room - res.stick_bytes, block=block)
+        except NoRoom:
+            w = None
+        if w is None or w.left_objects:
+            for p in res.files + (w.files if w else []):
+                os.unlink(p)
+            durable.fsync_dir(dest)
+            v.left_over.append(no_room)
+            return
+        _merge(res, w)
+        res = w
     res.recipient = "every school"
     v.report.exported.append(res)
 

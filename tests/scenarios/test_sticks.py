@@ -47,8 +47,12 @@ def test_two_schools_share_one_stick(tmp_path: Path) -> None:
 
     # A pack for school 2 dropped into school 1's folder is not school 1's business:
     # left where it is, nothing applied, no refusal.
-    stray = stick / "HARMONIC" / "to-school-1" / a2[0].name
-    shutil.copy2(a2[0], stray)
+    # (The answers share the pack of the release for everyone, addressed to no one, which
+    # either school may take; the pack addressed to school 2 is the one not in a1.)
+    mine = [p for p in a2 if p.name not in {q.name for q in a1}]
+    assert len(mine) == 1
+    stray = stick / "HARMONIC" / "to-school-1" / mine[0].name
+    shutil.copy2(mine[0], stray)
     before1 = trusted_state(s1)
     p = s1.ctl("exchange", str(stick))
     assert p.returncode == 0
