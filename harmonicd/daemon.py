@@ -58,6 +58,7 @@ EX_CONFIG = 78
 SETTLE_MAX = 60.0  # a folder that never stays quiet is published anyway after this long (or 10 quiet periods)
 STARTUP_SYNC_DELAY = 2.0  # seconds after start before the first online sync
 BACKOFF_BASE = 15.0  # seconds; doubled after each failed online sync, up to the interval
+PREPARE_EVERY = 10.0  # seconds between looks (on the master) for a new release to prepare packs of
 STORE_SIZE_MAX_AGE = 60.0  # seconds a status answer may show an old count of the store's objects
 
 
@@ -130,7 +131,9 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self.jobs.run(), name="jobs"),
                          tg.create_task(self._rescan(), name="rescan")]
-                if not self.cfg.is_master:
+                if self.cfg.is_master:
+                    tasks.append(tg.create_task(self._prepare_loop(), name="prepare"))
+                else:
                     tasks.append(tg.create_task(self._sync_loop(), name="online-sync"))
                     tasks.append(tg.create_task(self.netwatch.run(), name="netwatch"))
                 if self.cfg.media_devices:
@@ -228,6 +231,29 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(every)
+
+    async def _prepare_loop(self) -> None:
+        """Master: after a new release of a collection for everyone (published here or by a
+        `harmonicctl publish` in another process), build ahead the shared packs schools will
+        ask for (services/shared.prepare), as a job of its own. Then the first school after a
+        publish, online or by stick, gets copies of files instead of a pack made while it (or
+        a teacher holding a stick) waits."""
+        prepared: tuple[tuple[str, int], ...] | None = None
+        while True:
+            latest: tuple[tuple[str, int], ...] | None = None
+            try:
+                latest = await asyncio.get_running_loop().run_in_executor(self._pool, self._latest_for_everyone)
+            except HarmonicError as exc:
+                log.warning("cannot read the latest releases: %s", exc)
+            if latest and latest != prepared:
+                out = await self.jobs.submit("prepare", "shared packs", _prepare_work, key="prepare:shared")
+                if out.ok:
+                    prepared = latest
+            await asyncio.sleep(PREPARE_EVERY)
+
+    def _latest_for_everyone(self) -> tuple[tuple[str, int], ...]:
+        return tuple(sorted((c.name, c.seq) for c in self._reader().db.collections()
+                            if c.mode == "owned" and c.target is None and c.seq))
 
     async def _rescan(self) -> None:
         while True:
@@ -559,6 +585,14 @@ def _verify_work(store: Store, progress: Callable[[int], None]) -> Outcome:
     if rep.problems:
         return Outcome(f"verify found {len(rep.problems)} problem(s): " + "; ".join(rep.problems[:5]), data, ok=False)
     return Outcome(f"{rep.objects} objects ({durable.mib(rep.bytes)}) and {rep.files} deployed files verified", data)
+
+
+def _prepare_work(store: Store, progress: Callable[[int], None]) -> Outcome:
+    from harmonicd.services.shared import prepare
+
+    built = prepare(store, progress)
+    return Outcome(f"built {len(built)} shared pack(s) ahead: " + "; ".join(built) if built else "",
+                   {"built": built})
 
 
 def _sync_work(store: Store, progress: Callable[[int], None]) -> Outcome:

@@ -312,6 +312,15 @@ def prepare(store: Store, progress: Callable[[int], None] | None = None) -> list
             asked[b] = asked.get(b, 0) + 1
             if b[1] is not None and theirs is not None:
                 from_seq[b] = theirs[0]
+    # A school's have-state is from its last request: one that took the previous release
+    # since has not said so yet, and schools that keep up are most of them. So the delta
+    # from the previous release is always built too.
+    for c in colls:
+        prev = db.release(c.name, c.seq - 1) if c.seq > 1 else None
+        if prev is not None and store.objects.has(prev.root):
+            b = (c.name, prev.root)
+            asked.setdefault(b, 0)
+            from_seq[b] = prev.seq
     by_name = {c.name: c for c in colls}
     order = sorted(asked, key=lambda k: (-asked[k], k[0], k[1] is None, k[1] or b""))[:MAX_ENTRIES]
     done: list[str] = []
