@@ -191,8 +191,8 @@ def visit(store: Store, folder: str, progress: Callable[[int], None] | None, *, 
     consent: write to a stick that holds no HARMONIC/ yet (a person typed the
     command; the daemon passes [media] adopt_blank). free_margin: bytes left
     free on the stick (None: [media] free_margin). forward: one online sync now,
-    for a relaying school server. on_total: called once with the visit's bytes
-    (packs to read plus bytes planned to write), for an ETA."""
+    for a relaying school server. on_total: the visit's bytes for an ETA,
+    first those of the packs to read, then once planned, plus the bytes to write."""
     cfg = store.cfg
     box = os.path.join(folder, MAILBOX)
     with _on_stick("import", box):
@@ -205,7 +205,7 @@ def visit(store: Store, folder: str, progress: Callable[[int], None] | None, *, 
     v = VisitReport(ExchangeReport())
     rep = v.report
     with _on_stick("import", box):
-        answered, read, taken = _import_all(store, box, rep, progress)
+        answered, read, taken = _import_all(store, box, rep, progress, on_total)
     if _read_only(box):
         got = [f"{a} from {r.sender}" for r in rep.imported for a in r.applied + r.pending]
         raise StoreError(f"{box}: the stick is write-protected; "
@@ -235,16 +235,18 @@ def visit(store: Store, folder: str, progress: Callable[[int], None] | None, *, 
     return v
 
 
-def _import_all(store: Store, box: str, rep: ExchangeReport, progress: Callable[[int], None] | None
-                ) -> tuple[set[str], int, list[str]]:
+def _import_all(store: Store, box: str, rep: ExchangeReport, progress: Callable[[int], None] | None,
+                on_total: Callable[[int], None] | None = None) -> tuple[set[str], int, list[str]]:
     """Import what is addressed to this server. Returns the senders answered (on
     the master: the schools whose requests were read), the bytes read, and the
-    requests to remove from the stick once answered (on the master)."""
+    requests to remove from the stick once answered (on the master). on_total
+    gets the bytes of the packs to read first (the ETA of a long import)."""
     cfg = store.cfg
     answered: set[str] = set()
     taken: list[str] = []
     read = 0
     folders = [(TO_MASTER, True)] if cfg.is_master else [(to_folder(cfg.id), True), (TO_EVERYONE, False)]
+    todo: list[tuple[str, bool, int]] = []
     for name, remove in folders:
         inbox = os.path.join(box, name)
         if os.path.lexists(inbox):
@@ -253,40 +255,43 @@ def _import_all(store: Store, box: str, rep: ExchangeReport, progress: Callable[
         rep.refused += problems
         for p in packs:
             try:
-                size = os.lstat(p).st_size
+                todo.append((p, remove, os.lstat(p).st_size))
             except FileNotFoundError:
                 continue  # taken since the folder was listed (a folder several servers use)
-            try:
-                r = import_pack(store, p, "stick", progress)
-            except Misaddressed:
-                continue  # another server's pack in a shared folder: left alone
-            except (PackError, TrustError) as exc:
-                if not os.path.lexists(p):
-                    # Gone since the folder was listed (its writer replaced it with a
-                    # newer pack, in a folder several servers use): nothing to refuse.
-                    continue
-                # One line naming the pack and why (a release or tree check deep
-                # down does not know which file it came from).
-                msg = str(exc)
-                rep.refused.append(msg if msg.startswith(p) else f"{p}: {msg}")
+    if on_total and todo:
+        on_total(sum(size for _p, _r, size in todo))
+    for p, remove, size in todo:
+        try:
+            r = import_pack(store, p, "stick", progress)
+        except Misaddressed:
+            continue  # another server's pack in a shared folder: left alone
+        except (PackError, TrustError) as exc:
+            if not os.path.lexists(p):
+                # Gone since the folder was listed (its writer replaced it with a
+                # newer pack, in a folder several servers use): nothing to refuse.
                 continue
-            answered.add(r.sender)
-            read += size
-            if not remove:
-                # to-everyone/ is for every school that comes by: never removed by
-                # a school, and seen once it is quietly passed over.
-                if not r.duplicate:
-                    rep.imported.append(r)
-                continue
-            rep.imported.append(r)
-            crash_point("pack-imported")
-            if cfg.is_master:
-                # A request stays on the stick until its answer is written and
-                # read back: a stick pulled before then is answered again at the
-                # next insertion (the request is then known, and quietly taken).
-                taken.append(p)
-            else:
-                _remove_imported(p)
+            # One line naming the pack and why (a release or tree check deep
+            # down does not know which file it came from).
+            msg = str(exc)
+            rep.refused.append(msg if msg.startswith(p) else f"{p}: {msg}")
+            continue
+        answered.add(r.sender)
+        read += size
+        if not remove:
+            # to-everyone/ is for every school that comes by: never removed by
+            # a school, and seen once it is quietly passed over.
+            if not r.duplicate:
+                rep.imported.append(r)
+            continue
+        rep.imported.append(r)
+        crash_point("pack-imported")
+        if cfg.is_master:
+            # A request stays on the stick until its answer is written and
+            # read back: a stick pulled before then is answered again at the
+            # next insertion (the request is then known, and quietly taken).
+            taken.append(p)
+        else:
+            _remove_imported(p)
     return answered, read, taken
 
 
