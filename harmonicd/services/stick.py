@@ -472,6 +472,10 @@ def _school_writes(store: Store, box: str, v: VisitReport, margin: int, read: in
         exported, refused = relay.for_stick(store, box, max(0, room), progress, forward)
         rep.exported += exported
         rep.refused += refused
+        for e in exported:
+            if e.left_bytes:
+                v.left_over.append(f"for {e.recipient}: {durable.mib(e.left_bytes)} more did not fit on this "
+                                   "stick; it goes next trip")
         room, block = _room(box, margin)
     rep.published = publish_changed_sources(store)
     out = for_master(store)
@@ -562,7 +566,9 @@ def _footer_read_back(path: str) -> tuple[bool, int]:
 
 
 def waiting(store: Store) -> list[str]:
-    out = []
+    """What this server still waits for, for the receipt: confirmations, the rest of
+    incomplete releases, and (a relay) other schools' requests kept for the master."""
+    out = relay.waiting(store) if not store.cfg.is_master else []
     for c in store.db.collections():
         if c.mode == "owned" and not store.cfg.is_master and c.seq > c.acked_seq:
             out.append(f"{c.collection} releases {c.acked_seq + 1}..{c.seq} not yet confirmed by the master")
