@@ -344,8 +344,9 @@ def gc_work(store: Store, progress: Callable[[int], None]) -> Outcome:
     from harmonicd.store import durable
 
     g = gc(store)
+    # gc logs what it removed itself; nothing removed is not worth a line after every visit.
     return Outcome(f"removed {g.removed} objects ({durable.mib(g.removed_bytes)}), kept {g.kept}",
-                   {"removed": g.removed, "removed_bytes": g.removed_bytes, "kept": g.kept})
+                   {"removed": g.removed, "removed_bytes": g.removed_bytes, "kept": g.kept}, logged=True)
 
 
 def summarize(rep: Any, folder: str, verified: int = 0, left_over: list[str] | None = None) -> Outcome:
