@@ -45,6 +45,7 @@ from harmonicd.media.devices import (
     block_device,
     eject_request,
     error_note,
+    partitions,
     read_error_note,
     read_mounts,
     stick_mounts,
@@ -146,6 +147,8 @@ class StickManager:
         if ev.action == "remove" or not ev.present:
             self._pulled(ev.name)
             return
+        if partitions(ev.name):
+            return  # a partitioned stick: each partition comes as its own device
         st = self.sticks.get(ev.name)
         if st is None or st.state in (GONE, REMOVED_EARLY):
             self._set(Stick(ev.name, kind=ev.kind), INSERTED, "inserted; waiting for it to be mounted")
