@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from harmonicd.media import devices
-from harmonicd.media.helper import UNMOUNT_PAUSE, UNMOUNT_TRIES
+from harmonicd import config
+from harmonicd.errors import ConfigError
+from harmonicd.media import devices, helper
+from harmonicd.media.helper import UNMOUNT_PAUSE, UNMOUNT_TRIES, WATCH_INTERVAL
 from tests.media.helpers import HELPER, StickLab, mount_of, require, sh, wait_for, write_config
 
 MOUNT_OPTIONS = {"nosuid", "nodev", "noexec", "noatime"}
@@ -272,3 +274,62 @@ def test_bad_configuration(tmp_path: Path) -> None:
     assert p.returncode == 1
     assert p.stderr.count("\n") == 1
     assert "media.devices" in p.stderr
+
+
+# --------------------------------------------------------------------------- what the teacher waits for
+
+
+def test_the_eject_request_is_seen_at_once(stick_lab: StickLab) -> None:
+    """From the daemon's request to the stick unmounted and the helper gone: a look at the
+    request every EJECT_INTERVAL (0.02 s), not at the device's pace (WATCH_INTERVAL)."""
+    image = stick_lab.image("ext4")
+    took = []
+    for _ in range(3):
+        name = stick_lab.attach(image)
+        run = stick_lab.helper(name)
+        run.wait_mounted()
+        time.sleep(0.3)  # past the helper's first looks
+        t0 = time.monotonic()
+        stick_lab.eject(name)
+        assert run.wait_exit() == 0
+        took.append(time.monotonic() - t0)
+        assert_clean(stick_lab, name)
+        stick_lab.detach(name)
+    # The unmount itself takes a few ms on a loop device; a busy machine adds some.
+    assert sum(took) / len(took) < WATCH_INTERVAL / 2, took
+
+
+CONFIGS = {
+    "written by init": '[media]\ndevices = ["usb", "loop"]\nmount_base = "/srv/sticks"\n',
+    "no media table": "",
+    "mount_base only": '[media]\nmount_base = "/srv/sticks"\n',
+    "devices only": '[media]\ndevices = ["mmc"]\n',
+    "no devices": '[media]\ndevices = []\nmount_base = "/srv/sticks"\n',
+}
+
+
+@pytest.mark.parametrize("media", CONFIGS.values(), ids=CONFIGS.keys())
+def test_the_helper_reads_the_media_table_as_the_daemon(tmp_path: Path, media: str) -> None:
+    """The helper reads [media] itself (harmonicd.config's imports cost it ~20 ms at every
+    insertion), or through the daemon's loader when a value is missing: the same values."""
+    path = tmp_path / "harmonicd.toml"
+    path.write_text(f'[server]\nid = "school-1"\nrole = "master"\nstate_dir = "{tmp_path}"\n{media}')
+    cfg = config.load(str(path))
+    assert helper._media(str(path)) == (cfg.media_mount_base, cfg.media_devices)
+
+
+@pytest.mark.parametrize("media", ['devices = ["other"]', 'devices = "usb"', 'mount_base = "sticks"',
+                                   'mount_base = 3'])
+def test_a_media_table_the_daemon_refuses_is_refused(tmp_path: Path, media: str) -> None:
+    path = tmp_path / "harmonicd.toml"
+    path.write_text(f'[server]\nid = "school-1"\nrole = "master"\nstate_dir = "{tmp_path}"\n[media]\n{media}\n')
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path))
+    with pytest.raises(ConfigError) as got:
+        helper._media(str(path))
+    assert str(got.value) == str(exc.value)
+
+
+def test_the_helper_knows_what_the_daemon_knows() -> None:
+    assert helper.KINDS == config.MEDIA_KINDS
+    assert helper.DEFAULT_CONFIG == config.DEFAULT_PATH
