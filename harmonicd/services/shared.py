@@ -113,11 +113,13 @@ class Answer:
 
 
 def answer(store: Store, school: str, progress: Callable[[int], None] | None = None, *,
-           room: int | None = None, block: int = 1) -> Answer:
+           room: int | None = None, block: int = 1, build: bool = True) -> Answer:
     """Plan the master's answer to an enrolled school. Online every shared pack is
-    named (room None); on a stick only those that fit whole in room go, and the
-    collections of the others are planned in the per-school pack, where what fits goes."""
-    common = for_school(store, school, progress)
+    named (room None), built if not yet there. On a stick (build False) only those
+    already built (prepare) that fit whole in room go: the collections of the others
+    are planned in the per-school pack, written straight onto the stick (what fits
+    goes) rather than built here first and copied, while the teacher waits."""
+    common = for_school(store, school, progress, build=build)
     if room is not None:
         common = common.within(room, block)
     return Answer(common, exchange_for_school(store, school, common.collections))
@@ -233,9 +235,11 @@ def _bound(store: Store, index: dict[str, dict[str, Any]], used: set[str]) -> No
         _sweep(store, index)
 
 
-def for_school(store: Store, school: str, progress: Callable[[int], None] | None = None) -> Shared:
-    """The shared packs a school's answer names, built if not yet there. Runs as the
-    master's answer job (the store's lock held: one writer of STATE/shared/)."""
+def for_school(store: Store, school: str, progress: Callable[[int], None] | None = None, *,
+               build: bool = True) -> Shared:
+    """The shared packs a school's answer names, built if not yet there (with build
+    False, only those built already). Runs as the master's answer job (the store's
+    lock held: one writer of STATE/shared/)."""
     db = store.db
     peer = db.peer(school)
     if peer is None:
@@ -255,7 +259,12 @@ def for_school(store: Store, school: str, progress: Callable[[int], None] | None
         row = db.release(c.name, c.seq)
         if row is None:
             continue
-        ikey, built = _ensure(store, index, c, row, _base(store, c, theirs), progress, now)
+        base = _base(store, c, theirs)
+        if not build:
+            entry = index.get(_key(c.name, base, row.root))
+            if entry is None or not _whole(store, entry):
+                continue
+        ikey, built = _ensure(store, index, c, row, base, progress, now)
         out.built += built
         used.add(ikey)
         changed = True

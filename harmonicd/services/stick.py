@@ -17,8 +17,8 @@ The order (RELIABILITY.md §3.6, "Packs on a stick"):
    makes (services/shared.py): the shared packs of the collections for
    everyone, copied whole from ``STATE/shared/`` (built once for every school
    at the same release, ahead by shared.prepare), then a small pack for the
-   school alone; a shared pack that does not fit whole is replaced by the
-   school's own plan, of which what fits goes. The room is shared fairly
+   school alone; a shared pack not built yet, or that does not fit whole, is
+   replaced by the school's own plan, of which what fits goes. The room is shared fairly
    between the schools answered (water-filling: a school that needs less than
    an equal share takes what it needs, the others split the rest); then, if
    the latest releases for every school fit whole, they go to
@@ -319,9 +319,9 @@ def _master_writes(store: Store, box: str, answered: set[str], v: VisitReport, m
     # ahead by shared.prepare), then the small per-school pack.
     answers = []
     for school in schools:
-        # Building a shared pack not built ahead (shared.prepare) is not counted as
-        # progress: the visit's total is not known yet, and it is work on this server.
-        a = shared.answer(store, school)
+        # Only shared packs built already (shared.prepare, after each publish): one
+        # not there is not built now, while the teacher waits, to be copied after.
+        a = shared.answer(store, school, build=False)
         wants = planned(store, a.rest)
         answers.append((_shared_bytes(a.shared.parts, block) + need_bytes(wants), school, a, wants))
     if on_total:
@@ -353,7 +353,7 @@ def _answer(store: Store, box: str, school: str, a: shared.Answer, wants: list[W
             # Not every shared pack fits whole: those that do go; the collections of the
             # others are planned from the school's state, most useful first, and what
             # fits of them goes (the school says what it got in its next request).
-            a = shared.answer(store, school, room=share - keep, block=block)
+            a = shared.answer(store, school, room=share - keep, block=block, build=False)
             wants = planned(store, a.rest)
     copied = _copy_parts(a.shared.parts, os.path.join(box, folder), block, progress, ExportResult(school))
     if copied.files and not (a.rest.releases or a.rest.acks):

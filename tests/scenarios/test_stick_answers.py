@@ -45,6 +45,7 @@ def test_the_stick_carries_the_shared_packs_copied_and_a_small_one_for_the_schoo
     src = tmp_path / "content"
     gen_tree(src, seed=3, files=60, big=2)
     m.ctl("publish", "content", str(src))
+    assert prepare(m) == ["content release 1 whole"]  # as the master's daemon does after a publish
     write_tree(s.source("stats"), {"visits.json": b"12"})
     s.ctl("exchange", str(stick))
     out = m.ctl("exchange", str(stick)).stdout
@@ -71,6 +72,23 @@ def test_the_stick_carries_the_shared_packs_copied_and_a_small_one_for_the_schoo
     assert not packs_in(stick, "to-school-1")
     assert coll(status(s), "stats")["acked_seq"] == 1
     s.ctl("verify")
+
+
+def test_a_shared_pack_not_built_is_not_built_during_the_visit(pair: tuple[Server, Server, Path],
+                                                               tmp_path: Path) -> None:
+    """No shared pack built ahead: the visit plans the answer straight onto the stick (with
+    its progress and budget), rather than building a pack on this server to copy after."""
+    m, s, stick = pair
+    src = tmp_path / "content"
+    gen_tree(src, seed=7, files=40, big=1)
+    m.ctl("publish", "content", str(src))
+    s.ctl("exchange", str(stick))
+    m.ctl("exchange", str(stick))
+    assert not cached(m)
+    [answer] = packs_in(stick, "to-school-1")
+    assert recipient(answer) == "school-1"
+    s.ctl("exchange", str(stick))
+    assert tree_digest(s.deploy / "content") == tree_digest(src)
 
 
 def test_prepare_builds_ahead_and_the_visit_copies(pair: tuple[Server, Server, Path], tmp_path: Path) -> None:
