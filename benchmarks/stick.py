@@ -17,8 +17,8 @@ school tree (benchmarks/gen.py, as run.py), the school gets it through a
 folder (`harmonicctl exchange`) and its next request (it holds v1) reaches
 the master, the master publishes v2: the core issue's change set, and builds
 its shared packs ahead (services/shared.prepare, as the master's daemon does
-as a job after each publish: v1 -> v2 and v2 whole; --no-prepare leaves them
-to the first visit). Then, with the daemons running, for each file system:
+as a job at start and after each publish: v1 -> v2 and v2 whole). Then,
+with the daemons running, for each file system:
 
 1. at the school: a blank image inserted; the school writes its request onto
    it (adopt_blank); "safe to remove"; pulled;
@@ -411,17 +411,16 @@ def bench(a: argparse.Namespace, rep: Report) -> None:
     if h.tree_digest(s.deployed) != h.input_digest(v1):
         raise RuntimeError("the school's deployed tree is not v1")
     m.ctl("publish", "content", v2)
-    if a.no_prepare:
-        raw["prepared"] = None
-    else:
-        env = {**os.environ, "HBENCH_HERE": h.HERE}
-        if h.CODE["path"] is not None:
-            env["HBENCH_CODE"] = str(h.CODE["path"])
-        t = time.monotonic()
-        built = sh_env(env, h.PY, "-c", PREPARE, m.config).splitlines()
-        raw["prepared"] = {"built": built, "wall_s": time.monotonic() - t}
-        print(f"the master's shared packs built ahead (shared.prepare) in {raw['prepared']['wall_s']:.1f} s: "
-              + "; ".join(built), flush=True)
+    # Here rather than left to the daemon (which runs it at start and after each
+    # publish, before it is idle): the time it takes is reported.
+    env = {**os.environ, "HBENCH_HERE": h.HERE}
+    if h.CODE["path"] is not None:
+        env["HBENCH_CODE"] = str(h.CODE["path"])
+    t = time.monotonic()
+    built = sh_env(env, h.PY, "-c", PREPARE, m.config).splitlines()
+    raw["prepared"] = {"built": built, "wall_s": time.monotonic() - t}
+    print(f"the master's shared packs built ahead (shared.prepare) in {raw['prepared']['wall_s']:.1f} s: "
+          + "; ".join(built), flush=True)
     saved = os.path.join(base, "school-1-v1")
     subprocess.run(["cp", "-a", s.state, saved], check=True)  # put back before the second row
 
@@ -565,7 +564,7 @@ def breakdown(x: dict[str, Any]) -> list[tuple[str, float]]:
 
 
 def report(rep: Report, fs: str, r: dict[str, Any], nfiles: int, nbytes: int,
-           prepared: dict[str, Any] | None) -> None:
+           prepared: dict[str, Any]) -> None:
     x, y = r["master"], r["school"]
     onto, off = best(r["cp_onto"]), best(r["cp_off"])
     name = "exFAT (FUSE)" if fs == "exfat" else "ext4"
@@ -582,7 +581,6 @@ def report(rep: Report, fs: str, r: dict[str, Any], nfiles: int, nbytes: int,
         Row("school: its request (blank stick adopted)", R.secs(r["request"]["total_s"])),
         Row("pack bytes the master wrote", f"{R.mib(r['pack_bytes'])} in {len(r['packs'])} file(s)"),
         Row("shared packs built ahead (shared.prepare, not timed)",
-            "no (--no-prepare)" if prepared is None else
             f"{R.secs(prepared['wall_s'])}: {'; '.join(prepared['built']) or 'nothing to build'}"),
         Row("change applied at the school", "yes" if ok else "NO", "", "", None, "content release 2, tree = v2", ok),
     ]
@@ -646,8 +644,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="where state and stick images live: a fresh ext4 image (default) or the work folder")
     p.add_argument("--out", help="results file without extension (default benchmarks/results/stick)")
     p.add_argument("--keep", action="store_true", help="keep the servers' folders")
-    p.add_argument("--no-prepare", action="store_true",
-                   help="do not build the master's shared packs ahead (shared.prepare): the visit builds them")
     p.add_argument("--no-snapshot", action="store_true", help="run the working tree's harmonicd as it is")
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
     a = p.parse_args(argv)
