@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harmonicd.core import keys
 from harmonicd.core.ident import check_collection, check_server_id
 from harmonicd.errors import ConfigError, HarmonicError
+
+if TYPE_CHECKING:
+    import ssl  # imported where TLS files are checked: the mount helper loads this at every insertion
 
 DEFAULT_PATH = "/etc/harmonicd/harmonicd.toml"
 DEFAULT_SOCKET = "/run/harmonicd/control.sock"
@@ -377,6 +379,8 @@ def _ssl_why(exc: ssl.SSLError) -> str:
 
 def _check_tls(cert: str, key: str, err: Callable[[str, str], ConfigError]) -> None:
     """Both files readable and PEM, the key that of the certificate: else one line naming the key."""
+    import ssl
+
     for k, p in (("server.tls_cert", cert), ("server.tls_key", key)):
         if not os.path.isabs(p):
             raise err(k, f"{p!r} must be an absolute path")
@@ -396,6 +400,8 @@ def _check_tls(cert: str, key: str, err: Callable[[str, str], ConfigError]) -> N
 
 
 def _check_ca(path: str, err: Callable[[str, str], ConfigError]) -> None:
+    import ssl
+
     if not os.path.isabs(path):
         raise err("upstream.ca_file", f"{path!r} must be an absolute path")
     try:

@@ -25,15 +25,14 @@ import stat
 import subprocess
 import sys
 import time
-import tomllib
 from types import FrameType
 
+from harmonicd import config
 from harmonicd.errors import HarmonicError
 from harmonicd.media.devices import block_device, check_name, eject_request, error_note, partitions, read_mounts
 
 # Imports are kept few: the helper starts at every insertion and the teacher waits for it
-# (`python -X importtime -m harmonicd.media.helper`). harmonicd.config, with TLS and key
-# parsing, is imported only when the [media] values cannot be read plainly (_media).
+# (`python -X importtime -m harmonicd.media.helper`).
 
 TAKEN = ("vfat", "exfat", "ext2", "ext3", "ext4")
 # noexec and nosuid: nothing on a stick is run; nodev: a crafted ext4 image could carry device nodes.
@@ -44,9 +43,6 @@ WATCH_INTERVAL = 0.2  # seconds between looks at the device and the mount
 # of a file in the mount base each time: about 4 ms of CPU a second more than looking every
 # WATCH_INTERVAL (measured), only while a stick is in.
 EJECT_INTERVAL = 0.02
-# What config.py knows (config.DEFAULT_PATH, config.MEDIA_KINDS; a test keeps them equal).
-DEFAULT_CONFIG = "/etc/harmonicd/harmonicd.toml"
-KINDS = ("usb", "mmc", "loop")
 UNMOUNT_TRIES = 10  # at UNMOUNT_PAUSE apart, before a lazy unmount; the unit's TimeoutStopSec covers it
 UNMOUNT_PAUSE = 0.3
 DAEMON_USER = "harmonicd"
@@ -292,21 +288,8 @@ def run(device: str, base: str, kinds: tuple[str, ...]) -> int:
 
 
 def _media(path: str) -> tuple[str, tuple[str, ...]]:
-    """[media] mount_base and devices. Read straight from the file when both are there and
-    plainly valid (harmonicd-init writes them); otherwise the daemon's loader reads it, with
-    its defaults and its one-line errors. Either way the values are the daemon's."""
-    try:
-        with open(path, "rb") as f:
-            media = tomllib.load(f).get("media")
-    except (OSError, tomllib.TOMLDecodeError):
-        media = None
-    if isinstance(media, dict):
-        base, kinds = media.get("mount_base"), media.get("devices")
-        if (isinstance(base, str) and os.path.isabs(base) and isinstance(kinds, list)
-                and all(k in KINDS for k in kinds)):
-            return base, tuple(kinds)
-    from harmonicd import config
-
+    """[media] mount_base and devices, read by the daemon's own loader: the same values and
+    defaults, and the same one-line errors."""
     cfg = config.load(path)
     return cfg.media_mount_base, cfg.media_devices
 
@@ -317,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("device", metavar="DEVICE", help="the stick's block device, e.g. /dev/sdb1")
     args = ap.parse_args(argv)
     try:
-        mount_base, kinds = _media(args.config or os.environ.get("HARMONICD_CONFIG") or DEFAULT_CONFIG)
+        mount_base, kinds = _media(config.config_path(args.config))
         base = os.path.realpath(mount_base)  # mountinfo shows resolved paths
         return run(args.device, base, kinds)
     except (HarmonicError, ValueError) as exc:

@@ -944,6 +944,32 @@ def _abandon(f: durable.WriteBehind | None, tmp: str, written: list[str]) -> Non
             log.info("could not remove %s: %s", p, exc.strerror)
 
 
+def copy_pack(src: str, target: str, progress: Callable[[int], None] | None) -> bytes:
+    """Copy a pack onto the stick as write_packs writes one (a .part file,
+    flushed, renamed, the folder flushed). Returns the hash of what was handed
+    to the stick, for the visit's read-back."""
+    folder = os.path.dirname(target)
+    tmp = os.path.join(folder, "." + os.path.basename(target) + ".part")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            with open(src, "rb") as f, os.fdopen(os.dup(fd), "wb") as out:
+                sink = Hashed(out)
+                while chunk := f.read(1 << 20):
+                    sink.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        durable.fsync_dir(folder)
+    except OSError:
+        _unlink(tmp)
+        raise
+    return sink.hash.digest()
+
+
 def _delta(store: Store, want: Want, payload: bytes, comp: Compressor) -> bytes | None:
     assert want.base is not None
     try:

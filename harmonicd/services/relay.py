@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harmonicd.core.ident import check_server_id
-from harmonicd.core.pack import Hashed, Header, PackReader
+from harmonicd.core.pack import Header, PackReader
 from harmonicd.core.release import decode
 from harmonicd.errors import (
     CorruptPack,
@@ -65,7 +65,7 @@ from harmonicd.services.exchange import (
     _real_dir,
     _remove_imported,
     _supersede,
-    _unlink,
+    copy_pack,
     lacking,
     list_packs,
     need_bytes,
@@ -411,7 +411,7 @@ def _answer_one(store: Store, box: str, r: _StickRequest, share: int | None, blo
         if os.path.exists(target) and os.path.getsize(target) == size:
             res.files.append(target)  # put there at an earlier visit, not yet taken
         elif room is None or on_disk(size, block) <= room:
-            res.sums[target] = _copy_durably(p, target, progress)
+            res.sums[target] = copy_pack(p, target, progress)
             res.files.append(target)
             res.bytes += size
             res.stick_bytes += on_disk(size, block)
@@ -459,32 +459,6 @@ def _master_labels(path: str) -> list[str]:
     labels = [f"{r.collection} release {r.seq} from {h.sender}" for r in rels]
     labels += [f"{h.sender}'s confirmation of {a.get('collection')} release {a.get('seq')}" for a in h.acks]
     return labels
-
-
-def _copy_durably(src: str, target: str, progress: Callable[[int], None] | None) -> bytes:
-    """Copy a pack onto the stick as write_packs writes one (a .part file,
-    flushed, renamed, the folder flushed). Returns the hash of what was handed
-    to the stick, for the visit's read-back."""
-    folder = os.path.dirname(target)
-    tmp = os.path.join(folder, "." + os.path.basename(target) + ".part")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        try:
-            with open(src, "rb") as f, os.fdopen(os.dup(fd), "wb") as out:
-                sink = Hashed(out)
-                while chunk := f.read(1 << 20):
-                    sink.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-        durable.fsync_dir(folder)
-    except OSError:
-        _unlink(tmp)
-        raise
-    return sink.hash.digest()
 
 
 def waiting(store: Store) -> list[str]:

@@ -73,6 +73,7 @@ from harmonicd.services.exchange import (
     _real_dir,
     _remove_imported,
     _supersede,
+    copy_pack,
     for_master,
     import_pack,
     lacking,
@@ -380,7 +381,7 @@ def _copy_parts(parts: list[shared.Part], dest: str, block: int, progress: Calla
     for part in parts:
         for src, size in zip(part.files, part.sizes, strict=True):
             target = os.path.join(dest, os.path.basename(src))
-            res.sums[target] = relay._copy_durably(src, target, progress)
+            res.sums[target] = copy_pack(src, target, progress)
             res.files.append(target)
             res.bytes += size
             res.raw_bytes += size
