@@ -448,20 +448,28 @@ def report(rep: Report, nfiles: int, nbytes: int) -> None:
 # --------------------------------------------------------------------------- results
 
 
-def render_md(data: dict[str, Any]) -> str:
+def tables_of(data: dict[str, Any]) -> list[Table]:
+    return [Table(**{**t, "rows": [Row(**r) for r in t["rows"]]}) for t in data["tables"]]
+
+
+def results_md(data: dict[str, Any], title: str, state_on: str, note: str, machine_extra: str = "") -> str:
+    """The results page every benchmark script writes: what ran where, the summary, the tables."""
     mach = data["machine"]
-    tables = [Table(**{**t, "rows": [Row(**r) for r in t["rows"]]}) for t in data["tables"]]
-    md = ["# Harmonic daemon benchmark results", "",
+    md = [f"# {title}", "",
           f"Command: `{data['command'].strip()}`  ", f"Date: {data.get('date', '?')}  ",
-          f"Machine: {mach['cpus']} CPUs, {mach['platform']}, Python {mach['python']}  ",
+          f"Machine: {mach['cpus']} CPUs, {mach['platform']}, Python {mach['python']}{machine_extra}  ",
           f"harmonicd {mach['harmonicd']} at commit {mach['commit']} ({mach.get('code', 'working tree')})  ",
-          f"Server state on: {data.get('raw', {}).get('state_fs', '?')}  ",
-          f"Total run time: {data['elapsed_s'] / 60:.1f} min", "",
-          "What is measured and how: the docstring of benchmarks/daemon.py. A shared 2-core VM: other work "
-          "on it shows in the latencies (the load average before each measurement is given).", ""]
-    md.append(R.render_table(R.summary(tables)))
-    md += [R.render_table(t) for t in tables]
+          f"{state_on}: {data.get('raw', {}).get('state_fs', '?')}  ",
+          f"Total run time: {data['elapsed_s'] / 60:.1f} min", "", note, ""]
+    md.append(R.render_table(R.summary(tables_of(data))))
+    md += [R.render_table(t) for t in tables_of(data)]
     return "\n".join(md)
+
+
+def render_md(data: dict[str, Any]) -> str:
+    return results_md(data, "Harmonic daemon benchmark results", "Server state on",
+                      "What is measured and how: the docstring of benchmarks/daemon.py. A shared 2-core VM: other "
+                      "work on it shows in the latencies (the load average before each measurement is given).")
 
 
 def write_results(out: str, rep: Report, elapsed: float, hide: dict[str, str],

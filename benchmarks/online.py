@@ -395,19 +395,10 @@ def bench_change(a: argparse.Namespace, rep: Report) -> None:
 
 
 def render_md(data: dict[str, Any]) -> str:
-    mach = data["machine"]
-    tables = [Table(**{**t, "rows": [Row(**r) for r in t["rows"]]}) for t in data["tables"]]
-    md = ["# Harmonic online sync benchmark results", "",
-          f"Command: `{data['command'].strip()}`  ", f"Date: {data.get('date', '?')}  ",
-          f"Machine: {mach['cpus']} CPUs, {mach['platform']}, Python {mach['python']}, {mach['rsync']}  ",
-          f"harmonicd {mach['harmonicd']} at commit {mach['commit']} ({mach.get('code', 'working tree')})  ",
-          f"Server state and rsync destinations on: {data.get('raw', {}).get('state_fs', '?')}  ",
-          f"Total run time: {data['elapsed_s'] / 60:.1f} min", "",
-          "What is measured and how: the docstring of benchmarks/online.py. Everything on loopback on a shared "
-          "2-core VM (the load average before each measurement is given); byte counts are exact.", ""]
-    md.append(R.render_table(R.summary(tables)))
-    md += [R.render_table(t) for t in tables]
-    return "\n".join(md)
+    return D.results_md(data, "Harmonic online sync benchmark results", "Server state and rsync destinations on",
+                        "What is measured and how: the docstring of benchmarks/online.py. Everything on loopback "
+                        "on a shared 2-core VM (the load average before each measurement is given); byte counts "
+                        "are exact.", f", {data['machine']['rsync']}")
 
 
 def main(argv: list[str] | None = None) -> int:

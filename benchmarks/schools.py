@@ -512,22 +512,10 @@ def report(rep: Report, raw: dict[str, Any]) -> None:
 
 
 def render_md(data: dict[str, Any]) -> str:
-    mach = data["machine"]
-
-    def tables(d: dict[str, Any]) -> list[Table]:
-        return [Table(**{**t, "rows": [Row(**r) for r in t["rows"]]}) for t in d["tables"]]
-
-    md = ["# Harmonic: many schools syncing at once from one master", "",
-          f"Command: `{data['command'].strip()}`  ", f"Date: {data.get('date', '?')}  ",
-          f"Machine: {mach['cpus']} CPUs, {mach['platform']}, Python {mach['python']}  ",
-          f"harmonicd {mach['harmonicd']} at commit {mach['commit']} ({mach.get('code', 'working tree')})  ",
-          f"Servers' state on: {data.get('raw', {}).get('state_fs', '?')}  ",
-          f"Total run time: {data['elapsed_s'] / 60:.1f} min", "",
-          "What is measured and how: the docstring of benchmarks/schools.py. One master daemon and the "
-          "schools' sync code share a 2-core VM over loopback, so every figure includes the schools' own "
-          "work (unpacking, storing, deploying) competing with the master for the CPU.", ""]
-    md.append(R.render_table(R.summary(tables(data))))
-    md += [R.render_table(t) for t in tables(data)]
+    md = [D.results_md(data, "Harmonic: many schools syncing at once from one master", "Servers' state on",
+                       "What is measured and how: the docstring of benchmarks/schools.py. One master daemon and "
+                       "the schools' sync code share a 2-core VM over loopback, so every figure includes the "
+                       "schools' own work (unpacking, storing, deploying) competing with the master for the CPU.")]
     before = data.get("before")
     if before:
         bm = before["machine"]
@@ -535,7 +523,7 @@ def render_md(data: dict[str, Any]) -> str:
                f"Command: `{before['command'].strip()}`  ", f"Date: {before.get('date', '?')}  ",
                f"harmonicd at commit {bm['commit']} ({bm.get('code', 'working tree')})  ",
                f"Total run time: {before['elapsed_s'] / 60:.1f} min", ""]
-        md += [R.render_table(t) for t in tables(before)]
+        md += [R.render_table(t) for t in D.tables_of(before)]
     return "\n".join(md)
 
 

@@ -615,19 +615,10 @@ def report(rep: Report, fs: str, r: dict[str, Any], nfiles: int, nbytes: int,
 
 
 def render_md(data: dict[str, Any]) -> str:
-    mach = data["machine"]
-    tables = [Table(**{**t, "rows": [Row(**r) for r in t["rows"]]}) for t in data["tables"]]
-    md = ["# Harmonic stick benchmark results", "",
-          f"Command: `{data['command'].strip()}`  ", f"Date: {data.get('date', '?')}  ",
-          f"Machine: {mach['cpus']} CPUs, {mach['platform']}, Python {mach['python']}  ",
-          f"harmonicd {mach['harmonicd']} at commit {mach['commit']} ({mach.get('code', 'working tree')})  ",
-          f"Server state and stick images on: {data.get('raw', {}).get('state_fs', '?')}  ",
-          f"Total run time: {data['elapsed_s'] / 60:.1f} min", "",
-          "What is measured and how: the docstring of benchmarks/stick.py. A shared 2-core VM; the sticks are "
-          "loop devices on image files, so they are as fast as the state file system, not as a USB stick.", ""]
-    md.append(R.render_table(R.summary(tables)))
-    md += [R.render_table(t) for t in tables]
-    return "\n".join(md)
+    return D.results_md(data, "Harmonic stick benchmark results", "Server state and stick images on",
+                        "What is measured and how: the docstring of benchmarks/stick.py. A shared 2-core VM; the "
+                        "sticks are loop devices on image files, so they are as fast as the state file system, "
+                        "not as a USB stick.")
 
 
 def main(argv: list[str] | None = None) -> int:
