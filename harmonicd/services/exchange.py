@@ -130,6 +130,19 @@ class ExportResult:
     left_bytes: int = 0  # their payload bytes
     stick_bytes: int = 0  # what the files take of the budget (whole blocks)
 
+    def add(self, other: ExportResult, first: bool = False) -> None:
+        """Take in other's packs for the same recipient: its files and release lines
+        before these (first) or after, and its counts."""
+        self.files = other.files + self.files if first else self.files + other.files
+        self.releases = other.releases + self.releases if first else self.releases + other.releases
+        self.sums.update(other.sums)
+        self.objects += other.objects
+        self.raw_bytes += other.raw_bytes
+        self.bytes += other.bytes
+        self.stick_bytes += other.stick_bytes
+        self.left_objects += other.left_objects
+        self.left_bytes += other.left_bytes
+
 
 @dataclass
 class ExchangeReport:

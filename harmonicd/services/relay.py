@@ -432,15 +432,10 @@ def _answer_one(store: Store, box: str, r: _StickRequest, share: int | None, blo
         except NoRoom:
             res.left_bytes += need_bytes(planned(store, mine))
         else:
-            res.files += w.files
-            res.sums.update(w.sums)
-            res.releases = w.releases + res.releases
-            res.objects += w.objects
-            res.raw_bytes += w.raw_bytes
-            res.bytes += w.bytes
-            res.stick_bytes += w.stick_bytes
-            res.left_objects += w.left_objects
-            res.left_bytes += w.left_bytes
+            # Files after the master's packs; the replica's releases named first.
+            releases = w.releases + res.releases
+            res.add(w)
+            res.releases = releases
     if res.left_bytes:
         log.info("relaying a stick: %s more for %s did not fit; it goes next trip", durable.mib(res.left_bytes),
                  r.school)

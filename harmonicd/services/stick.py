@@ -368,7 +368,7 @@ def _answer(store: Store, box: str, school: str, a: shared.Answer, wants: list[W
             return None
         v.report.exported.append(copied)
         return copied
-    _merge(copied, res)
+    res.add(copied, first=True)
     return res
 
 
@@ -389,17 +389,6 @@ def _copy_parts(parts: list[shared.Part], dest: str, block: int, progress: Calla
         res.objects += part.objects
         res.releases.append(part.release)
     return res
-
-
-def _merge(first: ExportResult, res: ExportResult) -> None:
-    """res becomes first's files followed by its own (both for one recipient)."""
-    res.files = first.files + res.files
-    res.sums.update(first.sums)
-    res.releases = first.releases + res.releases
-    res.objects += first.objects
-    res.raw_bytes += first.raw_bytes
-    res.bytes += first.bytes
-    res.stick_bytes += first.stick_bytes
 
 
 def _broadcast(store: Store, box: str, answered: list[str], room: int, block: int,
@@ -452,7 +441,7 @@ def _broadcast(store: Store, box: str, answered: list[str], room: int, block: in
             durable.fsync_dir(dest)
             v.left_over.append(no_room)
             return
-        _merge(res, w)
+        w.add(res, first=True)
         res = w
     res.recipient = "every school"
     v.report.exported.append(res)
