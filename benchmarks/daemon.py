@@ -472,6 +472,34 @@ def render_md(data: dict[str, Any]) -> str:
                       "work on it shows in the latencies (the load average before each measurement is given).")
 
 
+def add_run_args(p: argparse.ArgumentParser, name: str, fs_help: str) -> None:
+    """The options every benchmark script takes: where it works, where results go, which code runs."""
+    p.add_argument("--work", default=os.path.join(h.HERE, "scratch"))
+    p.add_argument("--fs", choices=("image", "work"), default=None, help=fs_help)
+    p.add_argument("--out", help=f"results file without extension (default benchmarks/results/{name})")
+    p.add_argument("--keep", action="store_true", help="keep the servers' folders")
+    p.add_argument("--no-snapshot", action="store_true", help="run the working tree's harmonicd as it is")
+    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
+
+
+def start_run(a: argparse.Namespace, name: str, snapshot: bool = True) -> str:
+    """This benchmark's own folder under --work (its image and code snapshot, apart from the
+    others'), the default --out, and (snapshot) the copy of harmonicd every child runs."""
+    a.work = os.path.abspath(a.work)
+    own = os.path.join(a.work, name)
+    os.makedirs(own, exist_ok=True)
+    if a.out is None:
+        a.out = os.path.join(a.work, f"results-{name}-quick") if a.quick else os.path.join(h.HERE, "results", name)
+    if snapshot and not a.no_snapshot:
+        announce(h.snapshot_code(os.path.join(own, "code")))
+    return own
+
+
+def announce(info: dict[str, object]) -> None:
+    print(f"harmonicd: snapshot of commit {info['commit']}{' + uncommitted changes' if info['dirty'] else ''}",
+          flush=True)
+
+
 def write_results(out: str, rep: Report, elapsed: float, hide: dict[str, str],
                   script: str = "daemon.py", argv: list[str] | None = None,
                   render: Callable[[dict[str, Any]], str] | None = None,
@@ -505,14 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="wait (up to --patience s) for the 1-minute load average to fall below this before "
                         "each measurement (default 1.5)")
     p.add_argument("--patience", type=float, default=180)
-    p.add_argument("--work", default=os.path.join(h.HERE, "scratch"))
-    p.add_argument("--fs", choices=("image", "work"), default=None,
-                   help="where the servers keep their state: a fresh ext4 image (default when root) or the "
-                        "work folder")
-    p.add_argument("--out", help="results file without extension (default benchmarks/results/daemon)")
-    p.add_argument("--keep", action="store_true", help="keep the servers' folders")
-    p.add_argument("--no-snapshot", action="store_true", help="run the working tree's harmonicd as it is")
-    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
+    add_run_args(p, "daemon", "where the servers keep their state: a fresh ext4 image (default when root) or "
+                 "the work folder")
     a = p.parse_args(argv)
     if a.render:
         h.rerender(a.render, render_md)
@@ -521,15 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     a.tree_mib = a.tree_mib or sizes["tree_mib"]
     a.files = a.files or sizes["files"]
     a.idle_seconds = a.idle_seconds or (10.0 if a.quick else IDLE_SECONDS)
-    a.work = os.path.abspath(a.work)
-    own = os.path.join(a.work, "daemon")  # this benchmark's image and code snapshot, apart from run.py's
-    os.makedirs(own, exist_ok=True)
-    if a.out is None:
-        a.out = os.path.join(a.work, "results-daemon-quick") if a.quick else os.path.join(h.HERE, "results", "daemon")
-    if not a.no_snapshot:
-        info = h.snapshot_code(os.path.join(own, "code"))
-        print(f"harmonicd: snapshot of commit {info['commit']}{' + uncommitted changes' if info['dirty'] else ''}",
-              flush=True)
+    own = start_run(a, "daemon")
     t0 = time.perf_counter()
     rep = Report()
     with h.state_area(a.fs, own) as (a.state, rep.raw["state_fs"]):

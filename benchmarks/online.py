@@ -407,13 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("noop", "change"), help="one of the two benchmarks")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeat", type=int, default=REPEAT, help=f"timed no-op syncs of each tool (default {REPEAT})")
-    p.add_argument("--work", default=os.path.join(h.HERE, "scratch"))
-    p.add_argument("--fs", choices=("image", "work"), default=None,
-                   help="where state and destinations live: a fresh ext4 image (default when root) or the work folder")
-    p.add_argument("--out", help="results file without extension (default benchmarks/results/online)")
-    p.add_argument("--keep", action="store_true", help="keep the servers' folders")
-    p.add_argument("--no-snapshot", action="store_true", help="run the working tree's harmonicd as it is")
-    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
+    D.add_run_args(p, "online", "where state and destinations live: a fresh ext4 image (default when root) or "
+                   "the work folder")
     a = p.parse_args(argv)
     if a.render:
         h.rerender(a.render, render_md)
@@ -421,14 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = R.QUICK if a.quick else R.FULL
     a.tree_mib, a.files, a.small_files = sizes["tree_mib"], sizes["files"], sizes["small_files"]
     a.work = os.path.abspath(a.work)
-    own = os.path.join(a.work, "online")
-    os.makedirs(own, exist_ok=True)
-    if a.out is None:
-        a.out = os.path.join(a.work, "results-online-quick") if a.quick else os.path.join(h.HERE, "results", "online")
-    if not a.no_snapshot:
-        info = h.snapshot_code(os.path.join(own, "code"))
-        print(f"harmonicd: snapshot of commit {info['commit']}{' + uncommitted changes' if info['dirty'] else ''}",
-              flush=True)
+    own = D.start_run(a, "online")
     t0 = time.perf_counter()
     rep = Report()
     with h.state_area(a.fs, own) as (a.state, rep.raw["state_fs"]):

@@ -553,16 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, help=f"files in the tree (default ~{FILES})")
     p.add_argument("--nice", type=int, default=NICE, help=f"niceness of the schools' processes (default {NICE})")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--work", default=os.path.join(h.HERE, "scratch"))
-    p.add_argument("--fs", choices=("image", "work"), default=None,
-                   help="where the servers keep their state: a fresh ext4 image (default when root) or the work folder")
-    p.add_argument("--out", help="results file without extension (default benchmarks/results/schools)")
+    D.add_run_args(p, "schools", "where the servers keep their state: a fresh ext4 image (default when root) or "
+                   "the work folder")
     p.add_argument("--before", metavar="JSON", help="an earlier run's results, shown after this run's")
-    p.add_argument("--keep", action="store_true", help="keep the servers' folders")
     p.add_argument("--commit", metavar="REV", help="run harmonicd as committed at REV (default: a snapshot of the "
                                                    "working tree)")
-    p.add_argument("--no-snapshot", action="store_true", help="run the working tree's harmonicd as it is")
-    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
     a = p.parse_args(argv)
     if a.render:
         h.rerender(a.render, render_md)
@@ -571,19 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     a.procs = a.procs or (QUICK["procs"] if a.quick else PROCS)
     a.tree_mib = a.tree_mib or (QUICK["tree_mib"] if a.quick else TREE_MIB)
     a.files = a.files or (QUICK["files"] if a.quick else FILES)
-    a.work = os.path.abspath(a.work)
-    own = os.path.join(a.work, "schools")
-    os.makedirs(own, exist_ok=True)
-    if a.out is None:
-        a.out = os.path.join(a.work, "results-schools-quick") if a.quick else os.path.join(h.HERE, "results", "schools")
-    if a.commit:
-        info = snapshot_commit(os.path.join(own, "code"), a.commit)
-    elif not a.no_snapshot:
-        info = h.snapshot_code(os.path.join(own, "code"))
+    own = D.start_run(a, "schools", snapshot=False)
     if a.commit or not a.no_snapshot:
+        info = snapshot_commit(os.path.join(own, "code"), a.commit) if a.commit else \
+            h.snapshot_code(os.path.join(own, "code"))
         os.environ["HBENCH_CODE"] = str(h.CODE["path"])  # the worker processes import it too
-        print(f"harmonicd: snapshot of commit {info['commit']}{' + uncommitted changes' if info['dirty'] else ''}",
-              flush=True)
+        D.announce(info)
     t0 = time.perf_counter()
     rep = Report()
     with h.state_area(a.fs, own) as (a.state, rep.raw["state_fs"]):

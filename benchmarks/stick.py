@@ -630,13 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stick-mib", type=int, default=256, help="size of the stick image (default 256)")
     p.add_argument("--only", choices=("ext4", "exfat"), help="one file system (default: both)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each cp baseline (the fastest counts; default 3)")
-    p.add_argument("--work", default=os.path.join(h.HERE, "scratch"))
-    p.add_argument("--fs", choices=("image", "work"), default=None,
-                   help="where state and stick images live: a fresh ext4 image (default) or the work folder")
-    p.add_argument("--out", help="results file without extension (default benchmarks/results/stick)")
-    p.add_argument("--keep", action="store_true", help="keep the servers' folders")
-    p.add_argument("--no-snapshot", action="store_true", help="run the working tree's harmonicd as it is")
-    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown next to a results JSON file")
+    D.add_run_args(p, "stick", "where state and stick images live: a fresh ext4 image (default) or the work folder")
     a = p.parse_args(argv)
     if a.render:
         h.rerender(a.render, render_md)
@@ -654,15 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = R.QUICK if a.quick else R.FULL
     a.tree_mib = a.tree_mib or sizes["tree_mib"]
     a.files = a.files or sizes["files"]
-    a.work = os.path.abspath(a.work)
-    own = os.path.join(a.work, "stick")
-    os.makedirs(own, exist_ok=True)
-    if a.out is None:
-        a.out = os.path.join(a.work, "results-stick-quick") if a.quick else os.path.join(h.HERE, "results", "stick")
-    if not a.no_snapshot:
-        info = h.snapshot_code(os.path.join(own, "code"))
-        print(f"harmonicd: snapshot of commit {info['commit']}{' + uncommitted changes' if info['dirty'] else ''}",
-              flush=True)
+    own = D.start_run(a, "stick")
     t0 = time.perf_counter()
     rep = Report()
     with contextlib.ExitStack() as stack:
