@@ -259,13 +259,12 @@ def _exchange(store: Store, folder: str) -> int:
         raise UsageError(f"{folder} is not a folder")
     t0 = time.monotonic()
     cfg = store.cfg
-    forward = None
-    if cfg.upstream_url and not cfg.is_master:
+
+    def forward() -> str | None:
+        # Called by the visit only on an online school that found other schools' requests.
         from harmonicd.peer.sync import forward_now
 
-        # An online school server relays the other schools' requests on the stick at once.
-        def forward() -> str | None:
-            return forward_now(store)
+        return forward_now(store)
     # Typed by a person: consent to write to a stick not yet prepared.
     v = visit(store, folder, None, consent=True, read_back=cfg.media_read_back, forward=forward)
     rep = v.report

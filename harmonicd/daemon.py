@@ -252,8 +252,9 @@ class Daemon:
             await asyncio.sleep(PREPARE_EVERY)
 
     def _latest_for_everyone(self) -> tuple[tuple[str, int], ...]:
-        return tuple(sorted((c.name, c.seq) for c in self._reader().db.collections()
-                            if c.mode == "owned" and c.target is None and c.seq))
+        from harmonicd.services.shared import for_everyone
+
+        return tuple(sorted((c.name, c.seq) for c in for_everyone(self._reader())))
 
     async def _rescan(self) -> None:
         while True:
@@ -537,8 +538,7 @@ class Daemon:
             cfg = self.cfg
             # Asked for by a person: consent to write there (INTERFACE.md).
             fut = self.jobs.submit("exchange", folder, visit_work(
-                folder, True, cfg.media_read_back, cfg.media_free_margin, self.activity,
-                _forward_now if cfg.upstream_url and not cfg.is_master else None))
+                folder, True, cfg.media_read_back, cfg.media_free_margin, self.activity, _forward_now))
             fut.add_done_callback(lambda _f: self.jobs.submit("gc", "store", gc_work))
             return fut
         if name == "publish":

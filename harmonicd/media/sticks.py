@@ -215,10 +215,9 @@ class StickManager:
         fut.add_done_callback(lambda f: self._visited_done(st, m.mountpoint, f))
 
     def _work(self, folder: str, cfg: Config) -> Callable[[Store, Callable[[int], None]], Outcome]:
-        forward = self.forward
-        consent = cfg.media_adopt_blank
-        return visit_work(folder, consent, cfg.media_read_back, cfg.media_free_margin, self.activity,
-                          forward if cfg.upstream_url and not cfg.is_master else None)
+        # The visit itself decides whether to forward (an online school relaying others' requests).
+        return visit_work(folder, cfg.media_adopt_blank, cfg.media_read_back, cfg.media_free_margin, self.activity,
+                          self.forward)
 
     def _visited_done(self, st: Stick, folder: str, fut: asyncio.Future[Outcome]) -> None:
         self._jobs.pop(st.device, None)
@@ -297,20 +296,17 @@ class StickManager:
         cfg = self.config()
         cur = self.activity.snapshot()
         with self._lock:
-            sticks = [st.as_json() for st in self.sticks.values()]
-        for s in sticks:
+            seen = [(st.as_json(), st.since) for st in self.sticks.values()]
+        sticks = [s for s, _since in seen]
+        for s, since in seen:
             busy = cur is not None and cur["kind"] == "exchange" and cur["detail"] == f"{s['device']} at {s['path']}"
             if s["state"] == VISITING and cur is not None and busy:
                 s["done_bytes"], s["total_bytes"], s["eta_s"] = cur["done_bytes"], cur["total_bytes"], cur["eta_s"]
-            if s["state"] == INSERTED and time.time() - _ts(s["since"]) > MOUNT_HINT_AFTER:
+            if s["state"] == INSERTED and time.time() - since > MOUNT_HINT_AFTER:
                 s["message"] = ("inserted but not mounted: is the mount helper installed "
                                 "(harmonicd-stick@.service, see docs/operations.md)?")
         return {"devices": list(cfg.media_devices), "events": self.source.source if self.source and not self.error
                 else None, "error": self.error, "sticks": sticks}
-
-
-def _ts(iso: str) -> float:
-    return time.mktime(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
 
 
 def under(path: str, base: str) -> bool:

@@ -186,7 +186,7 @@ def _whole(store: Store, entry: dict[str, Any]) -> bool:
     return True
 
 
-def _for_everyone(store: Store) -> list[Collection]:
+def for_everyone(store: Store) -> list[Collection]:
     """The master's collections whose latest release is the same for every school."""
     return [c for c in store.db.collections() if c.mode == "owned" and c.root is not None and c.target is None]
 
@@ -251,7 +251,7 @@ def for_school(store: Store, school: str, progress: Callable[[int], None] | None
     out = Shared()
     used: set[str] = set()
     now = int(time.time())
-    for c in _for_everyone(store):
+    for c in for_everyone(store):
         key = f"{c.owner}/{c.collection}"
         theirs = held.get(key)
         if (theirs is not None and theirs[0] >= c.seq) or c.collection in pending:
@@ -280,7 +280,7 @@ def whole_releases(store: Store, names: set[str]) -> list[Part]:
     whole (from nothing): what a stick's to-everyone/ carries. Nothing is built here."""
     index = _load(store)
     out = []
-    for c in _for_everyone(store):
+    for c in for_everyone(store):
         if c.name not in names:
             continue
         row = store.db.release(c.name, c.seq)
@@ -301,7 +301,7 @@ def prepare(store: Store, progress: Callable[[int], None] | None = None) -> list
     db = store.db
     index = _load(store)
     changed = prune(store, index)
-    colls = _for_everyone(store)
+    colls = for_everyone(store)
     # (collection, base) -> how many schools will ask for it; the whole release always.
     asked: dict[tuple[str, ObjectId | None], int] = {}
     from_seq: dict[tuple[str, ObjectId | None], int] = {}

@@ -401,7 +401,7 @@ def _broadcast(store: Store, box: str, answered: list[str], room: int, block: in
     are planned into one pack. Only if everything fits whole: half a release for
     schools that did not ask is worth less than the room."""
     db = store.db
-    colls = [c for c in db.collections() if c.mode == "owned" and c.target is None and c.root is not None]
+    colls = shared.for_everyone(store)
     lacked: dict[str, Collection] = {}
     for peer in db.peers("node"):
         if peer.revoked or peer.id in answered:
