@@ -9,9 +9,10 @@ this is one dictionary lookup.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 _spec = os.environ.get("HARMONICD_CRASH_AT", "")
 _name, _, _nth = _spec.partition(":")
@@ -46,16 +47,18 @@ HOOKS = (
 _hooks: dict[str, Callable[[object], None]] = {}
 
 
-def set_hook(name: str, fn: Callable[[object], None] | None) -> None:
-    """For a test in the same process: call fn(arg) when the code reaches the
-    hook (damage a stick between write and read-back, fill it up after its
-    free space was measured); None removes it."""
+@contextlib.contextmanager
+def hooked(name: str, fn: Callable[[object], None]) -> Iterator[None]:
+    """For a test in the same process: while in the block, call fn(arg) when the
+    code reaches the hook (damage a stick between write and read-back, fill it up
+    after its free space was measured)."""
     if name not in HOOKS:
         raise ValueError(f"unknown hook {name!r}")
-    if fn is None:
+    _hooks[name] = fn
+    try:
+        yield
+    finally:
         _hooks.pop(name, None)
-    else:
-        _hooks[name] = fn
 
 
 def fault_hook(name: str, arg: object) -> None:

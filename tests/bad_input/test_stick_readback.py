@@ -99,12 +99,8 @@ def test_read_back_catches_a_stick_that_lost_data(tmp_path: Path) -> None:
         for p in packs_in(stick, "to-master"):
             p.unlink()
         before = snapshot(s)
-        faults.set_hook("stick-synced", damage)
-        try:
-            with s.store() as st, pytest.raises(StickUnreliable) as err:
-                visit(st, str(stick), None, consent=False, free_margin=0)
-        finally:
-            faults.set_hook("stick-synced", None)
+        with faults.hooked("stick-synced", damage), s.store() as st, pytest.raises(StickUnreliable) as err:
+            visit(st, str(stick), None, consent=False, free_margin=0)
         assert seen_in_cache == [True]
         msg = str(err.value)
         assert "the stick did not keep what was written" in msg

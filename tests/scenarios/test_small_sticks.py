@@ -194,12 +194,8 @@ def test_stick_fills_up_while_written(tmp_path: Path) -> None:
             filler.write_bytes(b"\0" * max(0, free - (200 << 10)))
 
         before = snapshot(s)
-        faults.set_hook("stick-room", fill)
-        try:
-            with s.store() as st, pytest.raises(DiskFullError) as err:
-                visit(st, str(stick), None, consent=False, free_margin=0)
-        finally:
-            faults.set_hook("stick-room", None)
+        with faults.hooked("stick-room", fill), s.store() as st, pytest.raises(DiskFullError) as err:
+            visit(st, str(stick), None, consent=False, free_margin=0)
         msg = str(err.value)
         assert re.search(r"disk full while writing the pack for master(-1)? in .*: about [0-9.]+ (KiB|MiB) needed, "
                          r"[0-9.]+ KiB free; nothing was written", msg), msg
