@@ -15,6 +15,7 @@ TAG_PACK = b"harmonic/pack/v1\x00"
 TAG_BUNDLE = b"harmonic/bundle/v1\x00"  # a bootstrap bundle, signed by the master (core/bundle.py)
 TAG_REVOCATIONS = b"harmonic/revocations/v1\x00"  # the master's list of revoked school servers
 TAG_LEASE = b"harmonic/lease/v1\x00"  # a laptop's anti-theft lease, signed by the master (core/lease.py)
+TAG_CHAIN = b"harmonic/chain/v1\x00"  # a link of the master's key chain, signed by two root keys (core/trust.py)
 
 
 class SigningKey:
