@@ -27,7 +27,14 @@ Nothing else should escape to the user as a traceback.
     │   └── StickUnreliable                   read-back differs from what was written
     ├── TrustError                   exit 1   a release that must not be accepted
     │   ├── BadSignature
-    │   └── Equivocation                      same seq, other content
+    │   ├── Equivocation                      same seq, other content
+    │   ├── ChainError                        the master's key chain refused (core/trust.py)
+    │   │   ├── ChainGap                      a link missing ("link N missing")
+    │   │   ├── ChainSignature                a link not signed by the previous root, or not by its own
+    │   │   ├── ChainFork                     a link other than the one held for that version
+    │   │   └── ChainRollback                 signed by a retired signing key
+    │   └── LeaseError                        a laptop's lease refused (core/lease.py)
+    ├── BundleError                  exit 1   a bootstrap bundle refused (tampered, expired, not ours)
     └── (RollbackIgnored is a warning, not an error: see exchange)
 
 The daemon (harmonicd) exits 78 (EX_CONFIG) instead for ConfigError,
@@ -148,3 +155,38 @@ class BadSignature(TrustError):
 
 class Equivocation(TrustError):
     """Two different releases carry the same sequence number."""
+
+
+class ChainError(TrustError):
+    """The master's key chain offered is refused (core/trust.py): not for this
+    master, malformed, or too long."""
+
+
+class ChainGap(ChainError):
+    """A link of the key chain is missing between the version held and the newest offered."""
+
+
+class ChainSignature(ChainError):
+    """A link is not signed by the previous root key, or not by its own new root key."""
+
+
+class ChainFork(ChainError):
+    """A link differs from the one held for the same version (or from another offered)."""
+
+
+class ChainRollback(ChainError):
+    """Signed by a signing key the chain has retired: older than what this server trusts."""
+
+
+class LeaseError(TrustError):
+    """A laptop's lease is not one to serve or accept: unreadable, not signed by
+    the master's current key, for another school or laptop, or not valid now.
+    ``reason``: a code for programs (docs/http-api.md, GET /v1/lease/SERIAL)."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BundleError(HarmonicError):
+    """A bootstrap bundle is refused: damaged, tampered with, expired, or not for this use."""
