@@ -601,16 +601,42 @@ def _take_acks(store: Store, h: Header, res: ImportResult) -> None:
         if not (isinstance(name, str) and type(seq) is int and isinstance(root, bytes)):
             raise CorruptPack(f"{res.path}: malformed acknowledgement")
         coll = db.collection(name)
-        if coll is None or coll.mode != "owned" or seq <= coll.acked_seq:
+        if coll is None or coll.mode != "owned":
+            continue
+        if seq < coll.acked_seq:
+            _master_forgot(store, coll, seq, root, h, res)
+            continue
+        if seq == coll.acked_seq:
             continue
         row = db.release(name, seq)
         if row is None or row.root != root:
             continue  # an ack for a release we no longer know is no use as a diff base
         db.update_collection(name, acked_seq=seq, acked_root=root)
+        db.set_meta(f"acked-at/{name}", str(h.created))
         for old in db.releases(name):
             if old.seq < seq:
                 db.delete_release(name, old.seq)
         res.acked.append(f"{name} release {seq}")
+
+
+def _master_forgot(store: Store, coll: Collection, seq: int, root: bytes, h: Header, res: ImportResult) -> None:
+    """The master says it holds less of coll than it once confirmed: it was
+    restored from an older backup. Sending on from the old confirmation would
+    leave every later release of coll incomplete at the master for ever, so
+    the next pack is planned from what the master says it holds now (more
+    bytes, never less than needed). A pack the master made before the one
+    that confirmed more (two sticks read out of order) is only old news."""
+    db = store.db
+    if h.created < int(db.get_meta(f"acked-at/{coll.name}") or 0):
+        return
+    row = db.release(coll.name, seq)
+    known = row is not None and row.root == root
+    db.update_collection(coll.name, acked_seq=seq if known else 0, acked_root=root if known else None)
+    db.set_meta(f"acked-at/{coll.name}", str(h.created))
+    msg = (f"the master now holds {coll.name} release {seq}, below release {coll.acked_seq} it had confirmed "
+           "(restored from an older backup?): what it lacks is sent again")
+    log.warning("%s", msg)
+    res.warnings.append(msg)
 
 
 # --------------------------------------------------------------------------- export

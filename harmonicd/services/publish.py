@@ -255,7 +255,11 @@ def publish(store: Store, collection: str, src: str, target: str | None = None,
         elif coll.source != src:
             db.update_collection(name, source=src)
         if changed:
-            seq += 1
+            reported = _reported_seq(store, collection, target)
+            if reported > seq:
+                log.warning("%s: a school holds release %d, this server's latest is %d (restored from an "
+                            "older backup?): the next release is %d", name, reported, seq, reported + 1)
+            seq = max(seq, reported) + 1
             rel = Release(collection=collection, owner=cfg.id, seq=seq, root=snap.root,
                           created=int(time.time()), size=snap.size, files=snap.files, target=target)
             sr = sign(rel, store.key)
@@ -271,6 +275,27 @@ def publish(store: Store, collection: str, src: str, target: str | None = None,
         log.info("published %s release %d (%d files, %d bytes, %d bytes read)",
                  name, seq, snap.files, snap.size, snap.read_bytes)
     return seq, changed
+
+
+def _reported_seq(store: Store, collection: str, target: str | None) -> int:
+    """On the master: the highest release of one of its own collections that a
+    school says it holds. Above the master's own seq only when the master was
+    restored from a backup older than its last release: numbering on from
+    there would give an old number a new tree, which every school refuses as
+    an equivocation, so the next release takes a number above theirs."""
+    if not store.cfg.is_master:
+        return 0
+    from harmonicd.services.exchange import stored_have  # exchange imports much; only the master needs it
+
+    key = f"{store.cfg.id}/{collection}"
+    best = 0
+    for peer in store.db.peers("node"):
+        if target is not None and peer.id != target:
+            continue
+        held, _ = stored_have(peer.have)
+        if key in held and held[key][0] > best:
+            best = held[key][0]
+    return best
 
 
 def unacked_bytes(store: Store, name: str) -> int:
