@@ -194,9 +194,11 @@ class Daemon:
             if self.cfg.listen:
                 from harmonicd.peer.mdns import fingerprint
 
-                # A master announces its own key; a relay the master key it trusts.
-                key = store.key.public if self.cfg.is_master else self.cfg.master_key
-                self._master_fp = fingerprint(key) if key else ""
+                # The anchor of the master's key chain (a master's key before its first
+                # rotation; a relay's upstream.master_key): what every school is configured
+                # with, and the same through every rotation. It only says which deployment
+                # this is (nothing announced is trusted: packs are judged by signatures).
+                self._master_fp = fingerprint(store.trust_chain().anchor)
             self._store_size, self._store_size_at = store_size_of(store), time.monotonic()
 
     async def _announce(self) -> None:
@@ -254,7 +256,9 @@ class Daemon:
     def _latest_for_everyone(self) -> tuple[tuple[str, int], ...]:
         from harmonicd.services.shared import for_everyone
 
-        return tuple(sorted((c.name, c.seq) for c in for_everyone(self._reader())))
+        store = self._reader()
+        # A rotation (`trust rotate`) threw away the packs its old key signed: built again.
+        return (*sorted((c.name, c.seq) for c in for_everyone(store)), ("key chain", store.trust_chain().version))
 
     async def _rescan(self) -> None:
         while True:

@@ -22,6 +22,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from harmonicd.core import trust
 from harmonicd.core.objects import KIND_NAMES, MAX_OBJECT, object_id
 from harmonicd.core.release import SignedRelease, decode
 from harmonicd.errors import HarmonicError
@@ -398,3 +399,21 @@ def fetch_release(base: str, collection: str, master_key: bytes, timeout: float 
         raise UpstreamError(f"{base}: release of {collection}: the signed release says {r.label()}, "
                             "not what the answer names", True, "http")
     return sr
+
+
+def fetch_trust(base: str, anchor: bytes, timeout: float = READ_TIMEOUT,
+                tls: ssl.SSLContext | None = None) -> trust.ChainState:
+    """The master's key chain as a server serves it (GET /v1/trust), followed from
+    the anchor key (a school's upstream.master_key): a relay or a cache can serve an
+    older chain, never a forged one. A school needs it only to look: every pack the
+    master or a relay writes carries the chain too (services/trust.py)."""
+    resp, data = _ask(base, "GET", f"{API}/trust", timeout, tls)
+    if resp.status != 200:
+        raise UpstreamError(f"{base}: key chain: {resp.status} {data.get('error', resp.reason)}", True, "http")
+    try:
+        links = data["chain"]
+        raw = [[base64.b64decode(str(x), validate=True) for x in link] for link in links[:trust.MAX_RECORDS + 1]]
+        state, _new = trust.advance(trust.genesis(anchor), trust.decode_chain(raw))
+    except (KeyError, TypeError, ValueError, HarmonicError) as exc:
+        raise UpstreamError(f"{base}: key chain refused: {exc}", True, "http") from None
+    return state

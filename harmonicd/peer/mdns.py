@@ -5,8 +5,11 @@ relay) announces ``<id>._harmonic._tcp.local.`` with TXT records:
 
     id     its server id
     role   "master" or "relay"
-    fp     fingerprint of the master key it serves for (the master's own key,
-           or the relay's upstream.master_key): BLAKE2b-64 of the key, hex
+    fp     fingerprint of the master key it serves for (the anchor of the master's
+           key chain: the master's key before its first rotation, a relay's
+           upstream.master_key): BLAKE2b-64 of the key, hex. The anchor, not
+           the current signing key: it is what schools are configured with and
+           stays the same through rotations (services/trust.py)
     scheme "http" or "https"
 
 A school with ``upstream.url = "auto"`` browses for BROWSE_SECONDS at each
@@ -183,7 +186,7 @@ def discover(store: Store, seconds: float = BROWSE_SECONDS) -> Found:
     """upstream.url = "auto": the server to sync with now, found by mDNS."""
     cfg = store.cfg
     assert cfg.master_key is not None
-    fp = fingerprint(cfg.master_key)
+    fp = fingerprint(cfg.master_key)  # the anchor, as announced (not the current signing key)
     try:
         found = browse(seconds)
     except OSError as exc:

@@ -20,8 +20,9 @@ collection planned from its own state in its per-school pack, as before.
 
 ``index.json`` names the packs built: {key: entry}, key
 ``<collection>:<from root hex or ->:<to root hex>``. Entries for releases that
-are no longer the latest are dropped at each answer, at prepare and at gc;
-at most MAX_ENTRIES are kept (least recently used go first).
+are no longer the latest, or signed by a key that is no longer the master's
+signing key (``trust rotate``), are dropped at each answer, at prepare and at
+gc; at most MAX_ENTRIES are kept (least recently used go first).
 """
 
 from __future__ import annotations
@@ -377,7 +378,7 @@ def _build(store: Store, name: str, seq: int, root: ObjectId, base: ObjectId | N
     log.info("built the shared pack of %s release %d (%s), %d bytes", name, seq,
              f"delta from {base.hex()[:12]}" if base else "whole", total)
     return {"collection": name, "seq": seq, "from": base.hex() if base else None, "to": root.hex(),
-            "files": files, "objects": res.objects, "created": int(time.time())}
+            "files": files, "objects": res.objects, "created": int(time.time()), "key": store.key.public.hex()}
 
 
 def prune(store: Store, index: dict[str, dict[str, Any]] | None = None) -> bool:
@@ -387,15 +388,29 @@ def prune(store: Store, index: dict[str, dict[str, Any]] | None = None) -> bool:
     own = index is None
     idx = _load(store) if index is None else index
     dropped = False
+    # A pack the master's previous signing key signed (before `trust rotate`) would be
+    # refused by a school that follows the chain: built again with the current key.
+    signer = store.key.public.hex()
     for k, e in list(idx.items()):
         c = store.db.collection(str(e.get("collection")))
-        if c is None or c.root is None or c.root.hex() != e.get("to") or c.target is not None:
+        if (c is None or c.root is None or c.root.hex() != e.get("to") or c.target is not None
+                or e.get("key") != signer):
             del idx[k]
             dropped = True
     _sweep(store, idx)
     if own and (dropped or os.path.exists(os.path.join(shared_dir(store), INDEX))):
         _save(store, idx)
     return dropped
+
+
+def discard_all(store: Store) -> int:
+    """Throw away every shared pack built (trust rotate: the old key signed them).
+    Returns how many there were; prepare() and the next answers build them again."""
+    index = _load(store)
+    _sweep(store, {})
+    if index or os.path.exists(os.path.join(shared_dir(store), INDEX)):
+        _save(store, {})
+    return len(index)
 
 
 def _sweep(store: Store, index: dict[str, dict[str, Any]]) -> None:

@@ -15,6 +15,8 @@ Tables:
 * ``packs``        pack volumes read and written (re-inserted sticks are skipped quietly)
 * ``objects``      object id -> kind, segment file, offset, length (store/objects.py)
 * ``partial``      objects received for releases not yet complete (kept by gc, listed in requests)
+* ``trust_chain``  the master's key chain as verified (a school) or made (the master); meta
+                   ``trust.anchor`` on a master that rotated: its version-0 key
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ CREATE TABLE IF NOT EXISTS releases (
     received INTEGER NOT NULL,
     state TEXT NOT NULL,           -- 'live', 'kept', 'pending' (objects still missing)
     PRIMARY KEY (name, seq)
+);
+CREATE TABLE IF NOT EXISTS trust_chain (
+    version INTEGER PRIMARY KEY,   -- 1, 2, ...: links of the master's key chain (core/trust.py), as verified
+    body BLOB NOT NULL,            -- the record: master, version, root key, signing key, created
+    by_previous BLOB NOT NULL,     -- its signature by the previous root key
+    by_self BLOB NOT NULL,         -- its signature by its own root key
+    received INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS statcache (
     name TEXT NOT NULL,
@@ -277,6 +286,21 @@ class StateDB:
         self.conn.execute(
             "INSERT OR REPLACE INTO packs(pack_id, volume, direction, peer, at, objects, bytes) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)", (pack_id, volume, direction, peer, at, objects, nbytes))
+
+    # -- the master's key chain (core/trust.py; services/trust.py)
+    def chain_links(self) -> list[tuple[int, bytes, bytes, bytes]]:
+        """(version, body, by_previous, by_self), in order."""
+        return [(r[0], r[1], r[2], r[3]) for r in self.conn.execute(
+            "SELECT version, body, by_previous, by_self FROM trust_chain ORDER BY version")]
+
+    def add_chain_link(self, version: int, body: bytes, by_previous: bytes, by_self: bytes, at: int) -> None:
+        # A plain INSERT: a version held is never replaced (core/trust.py refuses a fork before this).
+        self.conn.execute("INSERT INTO trust_chain(version, body, by_previous, by_self, received) "
+                          "VALUES (?, ?, ?, ?, ?)", (version, body, by_previous, by_self, at))
+
+    def set_release_sig(self, name: str, seq: int, sig: bytes) -> None:
+        """A release's body signed again by the master's new signing key (services/trust.py)."""
+        self.conn.execute("UPDATE releases SET sig=? WHERE name=? AND seq=?", (sig, name, seq))
 
     # -- objects held for incomplete releases
     def add_partial(self, ids: list[bytes]) -> None:

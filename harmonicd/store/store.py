@@ -3,7 +3,8 @@
 State folder layout (docs/state-dir.md)::
 
     lock              flock'd by whoever changes anything (the daemon or a command)
-    key               this server's ed25519 seed (0600)
+    key               this server's ed25519 seed (0600); on the master, its current signing key
+    key.next          the master's next signing key while `trust rotate` runs (see Store.key)
     state.db          SQLite (WAL)
     objects/segments/ object records in segment files (indexed in state.db)
     deploy/           default home of deployed replicas (config deploy.dir)
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from harmonicd.config import Config
-from harmonicd.core import keys
+from harmonicd.core import keys, trust
 from harmonicd.core.objects import (
     BLOB,
     RECIPE,
@@ -35,9 +36,13 @@ from harmonicd.core.objects import (
     decode_recipe,
     decode_tree,
 )
-from harmonicd.errors import StateError
+from harmonicd.errors import StateError, TrustError
+from harmonicd.store import durable
 from harmonicd.store.db import StateDB, check_generation
 from harmonicd.store.objects import ObjectStore
+
+ANCHOR_META = "trust.anchor"  # master: its version-0 key (hex), written with its first chain link
+KEY_NEXT = "key.next"
 
 
 class Store:
@@ -86,19 +91,67 @@ class Store:
     @property
     def key(self) -> keys.SigningKey:
         if self._key is None:
-            path = os.path.join(self.dir, "key")
-            try:
-                with open(path, "rb") as f:
-                    seed = bytes.fromhex(f.read().decode().strip())
-                self._key = keys.SigningKey(seed)
-            except OSError as exc:
-                raise StateError(f"cannot read this server's key {path}: {exc.strerror}") from exc
-            except ValueError as exc:
-                raise StateError(f"cannot read this server's key {path}: {exc}") from exc
+            key = _read_seed(os.path.join(self.dir, "key"))
+            if self.cfg.is_master and (self.db.chain_links() or os.path.exists(os.path.join(self.dir, KEY_NEXT))):
+                key = self._signing_key(key)
+            self._key = key
         return self._key
 
-    def master_key(self) -> bytes | None:
-        return self.cfg.master_key
+    def forget_key(self) -> None:
+        """Read STATE/key again at its next use (trust rotate replaced it)."""
+        self._key = None
+
+    def _signing_key(self, key: keys.SigningKey) -> keys.SigningKey:
+        """The master's key is the current signing key of its chain. `trust rotate`
+        writes the next one into key.next, commits the chain link (the commit point),
+        then renames key.next over key: a crash before the commit leaves key.next
+        unused (removed here), a crash after it leaves key.next as the key to use
+        (renamed here, when this store holds the lock)."""
+        chain = self.trust_chain()
+        path, nxt = os.path.join(self.dir, "key"), os.path.join(self.dir, KEY_NEXT)
+        if key.public == chain.signing:
+            if self._lock_fd is not None and os.path.exists(nxt):
+                os.unlink(nxt)  # a rotation that never committed: its key signs nothing
+                durable.fsync_dir(self.dir)
+            return key
+        try:
+            new = _read_seed(nxt)
+        except StateError:
+            new = None
+        if new is None or new.public != chain.signing:
+            raise StateError(f"{path} is not the master's current signing key (key chain version {chain.version}: "
+                             f"{keys.format_key(chain.signing)}); restore it from a backup made after that rotation")
+        if self._lock_fd is not None:
+            os.replace(nxt, path)
+            durable.fsync_dir(self.dir)
+        return new
+
+    def trust_chain(self) -> trust.ChainState:
+        """The master's key chain as this server holds it (core/trust.py), checked
+        again from the anchor: on a school upstream.master_key, on the master its
+        key before its first rotation."""
+        if self.cfg.is_master:
+            hexed = self.db.get_meta(ANCHOR_META)
+            anchor = bytes.fromhex(hexed) if hexed else _read_seed(os.path.join(self.dir, "key")).public
+            master: str | None = self.cfg.id
+        else:
+            if self.cfg.master_key is None:
+                raise StateError("upstream.master_key is not set")
+            anchor = self.cfg.master_key
+            known = self.db.peers("master")
+            master = known[0].id if known else None
+        rows = self.db.chain_links()
+        try:
+            links = [trust.decode_link([body, prev, own]) for _v, body, prev, own in rows]
+            state, _new = trust.advance(trust.genesis(anchor, master), links)
+        except TrustError as exc:
+            raise StateError(f"{self.db.path}: the stored key chain does not follow from the master key "
+                             f"{keys.format_key(anchor)} ({exc}); was upstream.master_key changed?") from None
+        return state
+
+    def master_key(self) -> bytes:
+        """The master's current signing key: what its packs and releases verify against."""
+        return self.trust_chain().signing
 
     # -- trees
     def tree(self, oid: ObjectId, where: str = "") -> list[Entry]:
@@ -140,3 +193,14 @@ class Store:
 
         visit(root, TREE)
         return missing, held
+
+
+def _read_seed(path: str) -> keys.SigningKey:
+    try:
+        with open(path, "rb") as f:
+            seed = bytes.fromhex(f.read().decode().strip())
+        return keys.SigningKey(seed)
+    except OSError as exc:
+        raise StateError(f"cannot read this server's key {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise StateError(f"cannot read this server's key {path}: {exc}") from exc
