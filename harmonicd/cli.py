@@ -81,6 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     sy = sub.add_parser("sync", parents=[common], help="ask the daemon to sync online now")
     sy.add_argument("--wait", action="store_true")
     sub.add_parser("watch", parents=[common], help="live events and progress")
+    lease = sub.add_parser("lease", parents=[common], help="laptops' anti-theft leases (docs/leases.md)")
+    lease_sub = lease.add_subparsers(dest="lease_command", required=True, parser_class=_Parser)
+    li = lease_sub.add_parser("issue", parents=[common],
+                              help="master: sign a lease for each laptop of SCHOOL and publish them for it")
+    li.add_argument("school")
+    li.add_argument("--serials", help="file of laptop serials, one a line (default: the laptops issued last time)")
+    li.add_argument("--days", type=int, default=30, help="days each lease is valid from now (default 30)")
+    lr = lease_sub.add_parser("renew", parents=[common],
+                              help="master: issue again, from now, the leases of these schools (default: all)")
+    lr.add_argument("schools", nargs="*")
+    lr.add_argument("--days", type=int, default=30, help="days each lease is valid from now (default 30)")
+    lc = lease_sub.add_parser("check", parents=[common],
+                              help="verify a lease file with the master's key against this server's clock")
+    lc.add_argument("file")
+    lc.add_argument("--serial", help="the laptop it must be for")
     return p
 
 
@@ -137,6 +152,9 @@ def _run(args: argparse.Namespace, path: str) -> int:
         return 0
     if cmd == "stick":
         return _stick_prepare(cfg, args.dir)
+    if cmd == "lease" and args.lease_command == "check":
+        with Store(cfg, lock=False) as store:
+            return _lease_check(store, args.file, args.serial)
     _become_state_owner(cfg)
     with Store(cfg) as store:
         from harmonicd.services.maintenance import recover
@@ -156,6 +174,8 @@ def _run(args: argparse.Namespace, path: str) -> int:
             return 0
         if cmd == "exchange":
             return _exchange(store, args.dir)
+        if cmd == "lease":
+            return _lease(store, args)
         if cmd == "verify":
             from harmonicd.services.maintenance import verify
 
@@ -302,6 +322,82 @@ def _exchange(store: Store, folder: str) -> int:
     return 0
 
 
+def _lease(store: Store, args: argparse.Namespace) -> int:
+    from harmonicd.core.lease import MAX_DAYS, iso, parse_serials
+    from harmonicd.services import leases
+
+    if not 1 <= args.days <= MAX_DAYS:
+        raise UsageError(f"--days: a lease lasts 1 to {MAX_DAYS} days, not {args.days}")
+    if args.lease_command == "issue":
+        serials = None
+        if args.serials:
+            try:
+                with open(args.serials, encoding="utf-8", errors="replace") as f:
+                    text = f.read(64 << 20)
+            except OSError as exc:
+                raise UsageError(f"--serials {args.serials}: cannot read ({exc.strerror})") from None
+            serials = parse_serials(text, args.serials)
+        done = [leases.issue(store, args.school, serials, args.days)]
+    else:
+        done = leases.renew(store, args.schools or None, args.days)
+    for i in done:
+        print(f"issued {i.laptops} leases for {i.school}, valid until {iso(i.expires)} (leases release {i.seq}); "
+              "they reach the school at its next sync or stick")
+    return 0
+
+
+def _lease_check(store: Store, path: str, serial: str | None) -> int:
+    """Verify a lease file as a school would serve it (or, on the master, as it signed it)."""
+    from harmonicd.core import lease as core
+    from harmonicd.errors import LeaseError
+    from harmonicd.services import leases
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(core.MAX_FILE + 1)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+    cfg = store.cfg
+    key = store.key.public if cfg.is_master else store.master_key()
+    if key is None:
+        raise LeaseError("no master key to check leases with")
+    sl = core.parse(data, path)
+    school = sl.lease.school if cfg.is_master else cfg.id
+    core.check(data, key, leases.now(store), school=school, serial=serial, where=path)
+    lz = sl.lease
+    print(f"valid: lease of laptop {lz.serial} at {lz.school}, from {core.iso(lz.not_before)} until "
+          f"{core.iso(lz.expires)}, signed by the master {lz.master}'s key (version {lz.key_version})")
+    return 0
+
+
+def _trust_show(store: Store, as_json: bool) -> int:
+    from harmonicd.services.trust import show
+
+    t = show(store)
+    if as_json:
+        print(json.dumps(t, indent=2))
+        return 0
+    print(f"master {t['master'] or '(not heard from yet)'}: key chain version {t['version']}")
+    print(f"signing key: {t['signing']}")
+    print(f"root key:    {t['root']}")
+    print(f"anchor:      {t['anchor']} (version 0)")
+    for link in t["links"]:
+        print(f"link {link['version']}: {link['created']}  signing {link['signing']}  root {link['root']}")
+    return 0
+
+
+def _trust_rotate(store: Store, root_key: str | None, new_root_key: str | None) -> int:
+    from harmonicd.services.trust import read_key, rotate
+
+    rot = rotate(store, read_key(root_key, "--root-key") if root_key else None,
+                 read_key(new_root_key, "--new-root-key") if new_root_key else None)
+    st = rot.state
+    print(f"key chain version {st.version}: signing key {keys.format_key(st.signing)}, root key "
+          f"{keys.format_key(st.root)}")
+    print(f"signed again: {', '.join(rot.resigned) or 'no release'}; shared packs thrown away: {rot.dropped}")
+    return 0
+
+
 def _daemon_status(cfg: Config) -> dict[str, Any] | None:
     """The daemon's own status (live fields included), or None when it does not answer."""
     from harmonicd import ctlclient as control
@@ -412,6 +508,10 @@ def _age(iso: str | None) -> str:
     return f"{s} s ago"
 
 
+def _date(iso: str | None) -> str:
+    return "-" if not iso else iso.replace("T", " ").replace("Z", " UTC")
+
+
 def _render_status(st: dict[str, Any]) -> str:
     from harmonicd.store import durable
 
@@ -449,8 +549,13 @@ def _render_status(st: dict[str, Any]) -> str:
                      f"{_bar(act['done_bytes'], act.get('total_bytes'))}{_eta(act.get('eta_s'))}")
     elif st["daemon"]:
         lines.append("now:       idle" + (f" ({len(st['queued'])} queued)" if st.get("queued") else ""))
-    for w in st.get("warnings", []):
-        lines.append(f"warning:   {w}")
+    lz = st.get("leases")
+    if lz:
+        lines.append(f"leases:    {lz['laptops']} laptops valid until {_date(lz['valid_until'])}; "
+                     "renew by sync or stick" if lz["laptops"] else "leases:    no valid lease")
+    for w in [*st.get("warnings", []), (lz or {}).get("warning"), (st.get("clock") or {}).get("warning")]:
+        if w:
+            lines.append(f"warning:   {w}")
     q = st.get("pending_quota")
     if q and q.get("exceeded") and q["exceeded"] not in st.get("warnings", []):
         lines.append(f"warning:   {q['exceeded']}")

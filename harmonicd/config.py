@@ -110,6 +110,8 @@ class Config:
     tls_cert: str = ""  # PEM certificate (chain) the peer HTTP API serves https with; empty: plain http
     tls_key: str = ""  # its PEM private key
     ca_file: str = ""  # PEM CA or self-signed certificate(s) to check an https upstream by; empty: the system's
+    lease_warn_days: int = 7  # school: warn in status when its laptops' leases run out within this many days
+    clock_tolerance: float = 3600.0  # seconds the system clock may be off the master's before status warns
 
     @property
     def is_master(self) -> bool:
@@ -182,7 +184,8 @@ def validate(data: dict[str, Any], path: str) -> Config:
             raise err(f"{tname}.{key}", f"must be between {low:g} and {high:g} seconds")
         return float(v)
 
-    known = {"server", "upstream", "collections", "packs", "archive", "media", "deploy", "publish", "relay"}
+    known = {"server", "upstream", "collections", "packs", "archive", "media", "deploy", "publish", "relay",
+             "leases"}
     for k in data:
         if k not in known:
             raise err(k, f"unknown section (known: {', '.join(sorted(known))})")
@@ -348,6 +351,11 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if quota <= 0:
         raise err("publish.pending_quota", "must be more than 0 (automatic publishing stops at the quota)")
     stop_grace = seconds(server, "server", "stop_grace_seconds", DEFAULT_STOP_GRACE, 0, 3600)
+    leases = table("leases", {"warn_days", "clock_tolerance_seconds"})
+    warn_days = leases.get("warn_days", 7)
+    if isinstance(warn_days, bool) or not isinstance(warn_days, int) or not 0 <= warn_days <= 365:
+        raise err("leases.warn_days", "must be a whole number of days from 0 to 365")
+    clock_tolerance = seconds(leases, "leases", "clock_tolerance_seconds", 3600.0, 60, 30 * 86400)
     socket = text(server, "server", "socket", DEFAULT_SOCKET)
     if not os.path.isabs(socket):
         raise err("server.socket", "must be an absolute path")
@@ -367,6 +375,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
         media_mount_base=mount_base, media_watch=tuple(watch), media_adopt_blank=flags["adopt_blank"],
         media_free_margin=margin, media_read_back=flags["read_back"],
+        lease_warn_days=warn_days, clock_tolerance=clock_tolerance,
     )
 
 

@@ -27,7 +27,7 @@ HARMONICCTL = [sys.executable, "-m", "harmonicd"]
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("HARMONICD_CONFIG", "HARMONICD_CRASH_AT", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
-                "JOURNAL_STREAM", "HARMONICD_DEBUG_HOOKS"):
+                "JOURNAL_STREAM", "HARMONICD_DEBUG_HOOKS", "HARMONICD_TEST_CLOCK_OFFSET"):
         monkeypatch.delenv(var, raising=False)
 
 

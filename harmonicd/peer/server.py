@@ -27,7 +27,7 @@ from aiohttp import web
 from harmonicd import __version__
 from harmonicd.core.diff import reachable
 from harmonicd.core.objects import object_id
-from harmonicd.errors import HarmonicError, IntegrityError, PackError, TrustError
+from harmonicd.errors import HarmonicError, IntegrityError, LeaseError, PackError, TrustError
 from harmonicd.peer import API, CHUNK, HEX64, MAX_REQUEST, PACK_NAME, SERVER_ID, limits
 from harmonicd.store.store import Store
 
@@ -83,6 +83,7 @@ class PeerServer:
         app.router.add_get(f"{API}/objects/{{oid}}", self._object)
         app.router.add_get(f"{API}/releases/{{name}}", self._release)
         app.router.add_get(f"{API}/health", self._health)
+        app.router.add_get(f"{API}/lease/{{serial}}", self._lease)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), reuse_address=True,
@@ -212,6 +213,26 @@ class PeerServer:
                                   "body": base64.b64encode(body).decode(), "sig": base64.b64encode(sig).decode()},
                                  headers=headers)
 
+
+    async def _lease(self, request: web.Request) -> web.StreamResponse:
+        """A laptop's anti-theft lease (docs/leases.md): the file as the master signed it,
+        only if it is this school's, for that laptop, and valid by the effective clock."""
+        from harmonicd.services import leases
+
+        serial = request.match_info["serial"]
+        if self.reader is None:
+            return _error(404, "this server does not serve leases")
+        try:
+            data: bytes = await self.reader(lambda st: leases.serve(st, serial))
+        except LeaseError as exc:
+            log.info("lease for %s from %s not served: %s", serial[:64], request.remote, exc)
+            return web.json_response({"error": str(exc), "reason": exc.reason}, status=404,
+                                     headers={"Cache-Control": PRIVATE})
+        except HarmonicError as exc:
+            log.error("GET lease %s: %s", serial[:64], exc)
+            return _error(500, f"the server could not read its leases: {exc}")
+        # Renewed at the next sync: no cache may keep an older one for the laptop.
+        return web.Response(body=data, content_type="application/json", headers={"Cache-Control": PRIVATE})
 
     def _public_object(self, store: Store, oid: bytes) -> tuple[int, bytes] | None:
         """An object of a latest release for everyone, or None: a school's statistics

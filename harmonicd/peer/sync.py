@@ -27,7 +27,7 @@ from harmonicd.config import AUTO_UPSTREAM
 from harmonicd.errors import HarmonicError, PackError, TrustError
 from harmonicd.jobs import Outcome
 from harmonicd.peer import UpstreamError, client
-from harmonicd.services import relay
+from harmonicd.services import leases, relay
 from harmonicd.services.exchange import ImportResult
 from harmonicd.services.online import downloads, make_request, record_upstream, take_answer
 from harmonicd.store import durable
@@ -72,16 +72,22 @@ def sync_online(store: Store, progress: Callable[[int], None]) -> Outcome:
         req = make_request(store, folder)
         try:
             packs: list[dict[str, Any]] = []
+            asked = answered = 0
             for f in req.files:
+                asked = leases.system_time()
                 packs = client.post_request(url, f, rate, wait, tls)
+                answered = leases.system_time()
             paths = [client.download(url, p, downloads(store), progress, rate, wait, tls) for p in packs]
         except UpstreamError as exc:
             record_upstream(store, exc.reachable, str(exc), exc.reason)
             raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    results = earlier + _take(store, paths, progress)
+    fresh = _take(store, paths, progress)
+    results = earlier + fresh
     record_upstream(store, True, None)
+    # The master's answer was written while we waited: how far is our clock from its?
+    leases.note_online_answer(store, fresh, asked, answered)
     received = [f"{a} from {r.sender}" for r in results for a in r.applied]
     acked = [f"{r.sender} confirmed {a}" for r in results for a in r.acked]
     data: dict[str, Any] = {"received": received, "acked": acked,

@@ -70,6 +70,7 @@ from harmonicd.errors import (
     UntrustedPack,
 )
 from harmonicd.services import deploy as deploy_mod
+from harmonicd.services import leases
 from harmonicd.services.deploy import default_path, union_tree
 from harmonicd.store import durable
 from harmonicd.store.db import Collection, ReleaseRow
@@ -115,6 +116,9 @@ class ImportResult:
     bytes: int = 0
     duplicate: bool = False
     staged: list[ObjectId] = field(default_factory=list)  # objects this pack added to the store
+    # The pack's creation time when the master signed it for this server (a school's
+    # measure of its clock against the master's at an online sync: services/leases.py).
+    master_time: int | None = None
 
 
 @dataclass
@@ -552,6 +556,14 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
             db.update_collection(name, seq=top.seq, root=top.root, deployed=deployed)
             to_deploy.append(name)
         _take_acks(store, h, res)
+        if not cfg.is_master:
+            # Times the master signed, verified just now, raise the clock floor that
+            # laptops' leases are judged against (services/leases.py).
+            by_master = h.sender_key == store.master_key()
+            times = [d.signed.release.created for d in decisions if d.action != "other"]
+            leases.raise_floor(store, [*times, h.created] if by_master else times, res.path)
+            if by_master and h.recipient_key == store.key.public:
+                res.master_time = h.created
         if cfg.is_master:
             db.peer_seen(h.sender, now, how, pack_msg(h.have) if h.have else None)
         elif h.sender_key == cfg.master_key:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from harmonicd import __version__
+from harmonicd.services import leases
 from harmonicd.store.store import Store
 
 
@@ -63,6 +64,9 @@ def status(store: Store, store_size: dict[str, int] | None = None) -> dict[str, 
         out["master"] = {"id": master.id if master else None,
                          "last_seen": _iso(master.last_seen) if master else None,
                          "how": master.last_how if master else None}
+        # The laptops' anti-theft leases this school serves, and the clock they are judged by.
+        out["leases"] = leases.school_status(store)
+        out["clock"] = leases.clock_status(store)
     else:
         out["schools"] = _schools(store)
     out["store"] = store_size if store_size is not None else store_size_of(store)
@@ -84,7 +88,8 @@ def _schools(store: Store) -> list[dict[str, Any]]:
                 waiting += row.size if row else 0
         data = {c.collection: c.seq for c in db.collections() if c.mode == "archive" and c.owner == p.id}
         rows.append({"id": p.id, "last_seen": _iso(p.last_seen), "how": p.last_how,
-                     "revoked": bool(p.revoked), "holds": held, "sent": data, "waiting_bytes": waiting})
+                     "revoked": bool(p.revoked), "holds": held, "sent": data, "waiting_bytes": waiting,
+                     "leases": leases.school_summary(store, p.id, held.get(f"{store.cfg.id}/leases", 0))})
     return rows
 
 

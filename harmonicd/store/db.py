@@ -15,6 +15,7 @@ Tables:
 * ``packs``        pack volumes read and written (re-inserted sticks are skipped quietly)
 * ``objects``      object id -> kind, segment file, offset, length (store/objects.py)
 * ``partial``      objects received for releases not yet complete (kept by gc, listed in requests)
+* ``leases``       master: the laptops' leases it last issued, per school (services/leases.py)
 * ``trust_chain``  the master's key chain as verified (a school) or made (the master); meta
                    ``trust.anchor`` on a master that rotated: its version-0 key
 """
@@ -100,6 +101,14 @@ CREATE TABLE IF NOT EXISTS packs (
     objects INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     PRIMARY KEY (pack_id, volume, direction)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    school TEXT NOT NULL,          -- master: the laptops' leases it last issued (services/leases.py)
+    serial TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    issued INTEGER NOT NULL,
+    PRIMARY KEY (school, serial)
 );
 """
 
@@ -311,6 +320,20 @@ class StateDB:
 
     def clear_partial(self) -> None:
         self.conn.execute("DELETE FROM partial")
+
+    # -- laptops' leases (master)
+    def leases_issued(self, school: str) -> list[tuple[str, int, int, int]]:
+        """(serial, not_before, expires, issued) of the leases last issued for school."""
+        return [(r[0], r[1], r[2], r[3]) for r in self.conn.execute(
+            "SELECT serial, not_before, expires, issued FROM leases WHERE school=? ORDER BY serial", (school,))]
+
+    def lease_schools(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT school FROM leases ORDER BY school")]
+
+    def replace_leases(self, school: str, rows: list[tuple[str, int, int, int]]) -> None:
+        self.conn.execute("DELETE FROM leases WHERE school=?", (school,))
+        self.conn.executemany("INSERT INTO leases(school, serial, not_before, expires, issued) "
+                              "VALUES (?, ?, ?, ?, ?)", ((school, *r) for r in rows))
 
     def check_integrity(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
