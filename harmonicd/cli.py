@@ -57,7 +57,21 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--stats-dir", help="school: source folder of stats (default STATE_DIR/sources/stats)")
     init.add_argument("--backup-dir", help="school: source folder of backup (default STATE_DIR/sources/backup)")
     init.add_argument("--volume-size", help="largest pack file, e.g. 3900MiB (default just below 4 GB)")
-    init.add_argument("--bundle", help="configure from a bootstrap bundle (not available yet)")
+    init.add_argument("--bundle", help="configure this school server from the master's bootstrap bundle FILE")
+
+    bu = sub.add_parser("bundle", parents=[common], help="master: a bootstrap bundle for a new school server")
+    bu.add_argument("id", nargs="?", help="the school server's id (or --region)")
+    bu.add_argument("--out", required=True, help="the bundle file to write (0600; never overwritten)")
+    bu.add_argument("--upstream", action="append", metavar="URL",
+                    help="where the school reaches the master (repeatable; default: [server] public_url)")
+    bu.add_argument("--sticks-only", action="store_true", help="no upstream address: the school syncs by stick")
+    bu.add_argument("--expires-days", type=float, default=30.0, help="days the bundle may be used (default 30)")
+    bu.add_argument("--collections", nargs="+", metavar="NAME",
+                    help="the master's collections the school carries (default: all for everyone, and its own)")
+    bu.add_argument("--region", metavar="PREFIX", help="one bundle for up to --count servers, ids PREFIX+name")
+    bu.add_argument("--count", type=int, help="with --region: how many servers may enroll with it")
+    rv = sub.add_parser("revoke", parents=[common], help="master: refuse school server ID from now on")
+    rv.add_argument("id")
 
     sub.add_parser("key", parents=[common], help="print this server's public key")
     en = sub.add_parser("enroll", parents=[common], help="master: accept a school server and its key")
@@ -124,6 +138,10 @@ def _run(args: argparse.Namespace, path: str) -> int:
     cmd = args.command
     if cmd == "init":
         return _init(args, path)
+    if cmd == "status":
+        first = config_mod.load(path, first_boot=True)
+        if not first.configured:
+            return _status_unconfigured(first, args.json)
     cfg = config_mod.load(path)
     # The commands that only talk to the daemon come first: they must not pay
     # for importing the store (sync --wait is timed against rsync).
@@ -160,6 +178,13 @@ def _run(args: argparse.Namespace, path: str) -> int:
         from harmonicd.services.maintenance import recover
 
         recover(store)
+        if cmd == "bundle":
+            return _bundle(store, args)
+        if cmd == "revoke":
+            from harmonicd.services.enrollment import revoke
+
+            print(revoke(store, args.id))
+            return 0
         if cmd == "enroll":
             from harmonicd.services.setup import enroll
 
@@ -197,9 +222,64 @@ def _run(args: argparse.Namespace, path: str) -> int:
     raise UsageError(f"unknown command {cmd}")
 
 
+def _bundle(store: Store, args: argparse.Namespace) -> int:
+    from harmonicd.services.enrollment import iso, make_bundle
+
+    if args.region is not None:
+        if args.id is not None:
+            raise UsageError("bundle: give a school id, or --region PREFIX --count N, not both")
+        if args.count is None:
+            raise UsageError("bundle --region needs --count N (how many servers may enroll with it)")
+    elif args.id is None:
+        raise UsageError("bundle needs the school server's id (or --region PREFIX --count N)")
+    elif args.count is not None:
+        raise UsageError("--count is for --region")
+    if args.sticks_only and args.upstream:
+        raise UsageError("--sticks-only and --upstream: choose one")
+    made = make_bundle(store, args.out, school=args.id, prefix=args.region, count=args.count or 1,
+                       upstream=[] if args.sticks_only else args.upstream, expires_days=args.expires_days,
+                       collections=args.collections)
+    b = made.bundle
+    where = ", ".join(b.upstream) or "by stick only"
+    print(f"wrote {made.path}: bundle for {b.what()} ({where}; collections {', '.join(b.collections) or 'none'}); "
+          f"valid until {iso(b.expires)}; keep it secret until it is used")
+    return 0
+
+
+def _init_bundle(args: argparse.Namespace, path: str) -> int:
+    """init --bundle: a school server configured from the master's bundle."""
+    import socket as socket_mod
+
+    from harmonicd.services.enrollment import init_from_bundle
+
+    if args.role == "master" or args.master_key or args.upstream:
+        raise UsageError("init --bundle takes the role, the master's key and the upstream from the bundle "
+                         "(no role, --master-key or --upstream)")
+    first = None
+    if os.path.exists(path):
+        first = config_mod.load(path, first_boot=True)
+        if first.configured:
+            raise ConfigError(f"{path}: a configuration already exists: this server is set up already "
+                              "(init never overwrites one)")
+    state = args.state_dir or (first.state_dir if first else config_mod.DEFAULT_STATE_DIR)
+    sock = args.socket if args.socket != config_mod.DEFAULT_SOCKET or first is None else first.socket
+    sources = {}
+    for name in NODE_COLLECTIONS:
+        given = getattr(args, f"{name}_dir")
+        sources[name] = os.path.abspath(given) if given else os.path.join(os.path.abspath(state), "sources", name)
+    sid, b, key = init_from_bundle(os.path.abspath(path), args.bundle, state, socket=os.path.abspath(sock),
+                                   name=args.id, hostname=socket_mod.gethostname(), listen=args.listen,
+                                   deploy_dir=os.path.abspath(args.deploy_dir) if args.deploy_dir else None,
+                                   sources=sources, media=first, replace_config=first is not None)
+    print(key)
+    how = f"online at {b.upstream[0]} or by stick" if b.upstream else "by stick"
+    print(f"{sid}: configured from {args.bundle}; enrolls with the master {b.master} at its first contact ({how})")
+    return 0
+
+
 def _init(args: argparse.Namespace, path: str) -> int:
     if args.bundle:
-        raise HarmonicError("init --bundle is not available in this version (bootstrap bundles come later)")
+        return _init_bundle(args, path)
     if not args.role:
         raise UsageError("init needs a role: `init master` or `init node`")
     if not args.id or not args.state_dir:
@@ -246,6 +326,24 @@ def _as_toml_dict(cfg: Config) -> dict[str, Any]:
         return tomllib.loads(config_mod.render(cfg))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{cfg.path}: would not be valid TOML ({exc})") from None
+
+
+def _status_unconfigured(cfg: Config, as_json: bool) -> int:
+    """A server not set up yet (no configuration): what its first-boot daemon says
+    (harmonicd/firstboot.py); without one, the configuration's own error."""
+    st = _daemon_status(cfg)
+    if st is None:
+        config_mod.load(cfg.path)  # raises: no configuration file, or no server.id
+        raise ConfigError(f"{cfg.path}: not configured")
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return 0
+    daemon = "running" if st.get("daemon") else "not running"
+    print(f"not configured ({cfg.path}): harmonicd {st.get('version', __version__)}  daemon {daemon}")
+    print(f"waiting:   {st.get('waiting_for')}")
+    if st.get("last_error"):
+        print(f"refused:   {st['last_error']}")
+    return 0
 
 
 def _stick_prepare(cfg: Config, folder: str) -> int:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 DEFAULT_PATH = "/etc/harmonicd/harmonicd.toml"
 DEFAULT_SOCKET = "/run/harmonicd/control.sock"
+DEFAULT_STATE_DIR = "/var/lib/harmonicd"  # the packaged unit's StateDirectory=: a first boot's state
+UNCONFIGURED = "unconfigured"  # the id of a first-boot configuration (no [server] id yet): see load()
 # FAT32 cannot hold a file of 4 GiB or more; stay clearly below it.
 DEFAULT_VOLUME_SIZE = 4_000_000_000
 MIN_VOLUME_SIZE = 64 << 10
@@ -107,6 +109,8 @@ class Config:
     max_answer_wait: float = 30.0  # seconds of queued answers before a new sync is told "busy"; 0: never
     sync_timeout: float = 60.0  # seconds without a byte before an online transfer gives up
     relay_queue_quota: int = DEFAULT_RELAY_QUEUE_QUOTA  # a relay keeps at most this much of downstream requests
+    public_url: str = ""  # master: the address schools reach it at, named in the bundles it makes
+    configured: bool = True  # False: a first boot's configuration, waiting for a bundle (load(first_boot=True))
     tls_cert: str = ""  # PEM certificate (chain) the peer HTTP API serves https with; empty: plain http
     tls_key: str = ""  # its PEM private key
     ca_file: str = ""  # PEM CA or self-signed certificate(s) to check an https upstream by; empty: the system's
@@ -137,11 +141,19 @@ def parse_size(value: object) -> int:
     raise ValueError(f"{value!r} is not a size (bytes, or a number with KiB, MiB, GiB)")
 
 
-def load(path: str) -> Config:
+def load(path: str, *, first_boot: bool = False) -> Config:
+    """The configuration at path. ``first_boot`` (the daemon and the mount helper):
+    no file (in a folder that exists), or one with no ``[server] id`` (only [media] and [server] state_dir,
+    socket, say), is a server not set up yet: an unconfigured Config with those
+    settings, which waits for a bundle (services/firstboot.py)."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
+        # Its folder there (the package makes /etc/harmonicd) but no file: a first boot.
+        # A folder missing too is a wrong path, refused as always.
+        if first_boot and os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            return unconfigured(path, {})
         raise ConfigError(f"{path}: no configuration file (run `harmonicctl init` first, "
                           "or give --config)") from None
     except PermissionError:
@@ -150,7 +162,23 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if first_boot and isinstance(data.get("server", {}), dict) and "id" not in data.get("server", {}):
+        return unconfigured(path, data)
     return validate(data, path)
+
+
+def unconfigured(path: str, data: dict[str, Any]) -> Config:
+    """A first boot's settings: what the file gives (checked as always), the rest defaults."""
+    import dataclasses
+
+    server = dict(data.get("server", {}))
+    for k in ("id", "role"):
+        if k in server:
+            raise ConfigError(f"{path}: server.{k}: a first-boot configuration has no server.id and no server.role")
+    server.update(id=UNCONFIGURED, role="master")  # "master": validated without an upstream key
+    server.setdefault("state_dir", DEFAULT_STATE_DIR)
+    cfg = validate({**data, "server": server}, path)
+    return dataclasses.replace(cfg, role="node", configured=False)
 
 
 def validate(data: dict[str, Any], path: str) -> Config:
@@ -193,7 +221,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
     server = table("server", {"id", "role", "state_dir", "socket", "listen", "socket_group", "admin_group",
                               "stop_grace_seconds", "max_request", "tls_cert", "tls_key", "max_syncs_per_minute",
                               "max_address_syncs_per_minute", "max_downloads_per_address",
-                              "max_request_age_seconds", "max_answer_wait_seconds"})
+                              "max_request_age_seconds", "max_answer_wait_seconds", "public_url"})
     sid_text = text(server, "server", "id")
     try:
         sid = check_server_id(sid_text)
@@ -317,6 +345,9 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if rate < 0 or 0 < rate < 1024:
         raise err("upstream.rate_limit", "must be 0 (no cap) or at least 1 KiB (bytes per second)")
     url = text(upstream, "upstream", "url", "")
+    public_url = text(server, "server", "public_url", "")
+    if public_url and not re.match(r"https?://[^/\s]+\S*\Z", public_url):
+        raise err("server.public_url", f"{public_url!r} is not an http:// or https:// URL")
     # "auto": the upstream is found on the LAN by mDNS at sync time (peer/mdns.py).
     if url and url != AUTO_UPSTREAM and not re.match(r"https?://[^/\s]+", url):
         raise err("upstream.url", f"{url!r} is not an http:// or https:// URL (or \"auto\")")
@@ -371,7 +402,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
         max_request=max_request, relay_queue_quota=relay_quota, max_request_age=max_age,
         max_answer_wait=answer_wait, **rates,
         master_key=master_key, sources=sources, volume_size=volume_size,
-        tls_cert=tls_cert, tls_key=tls_key, ca_file=ca_file,
+        tls_cert=tls_cert, tls_key=tls_key, ca_file=ca_file, public_url=public_url, configured=True,
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
         media_mount_base=mount_base, media_watch=tuple(watch), media_adopt_blank=flags["adopt_blank"],
         media_free_margin=margin, media_read_back=flags["read_back"],
@@ -433,6 +464,8 @@ def render(cfg: Config) -> str:
         f"state_dir = {_q(cfg.state_dir)}",
         f"socket = {_q(cfg.socket)}",
         f"listen = {_q(cfg.listen)}   # HOST:PORT to serve other servers; empty: do not",
+        *([f"public_url = {_q(cfg.public_url)}   # the address schools reach this master at (named in bundles)"]
+          if cfg.role == "master" else []),
         f"socket_group = {_q(cfg.socket_group)}   # may read status and events",
         f"admin_group = {_q(cfg.admin_group)}   # may also sync, publish, verify, gc",
         "",
@@ -463,6 +496,8 @@ def render(cfg: Config) -> str:
         "[media]",
         f"devices = [{', '.join(_q(d) for d in cfg.media_devices)}]   # block devices taken as sync sticks",
         f"mount_base = {_q(cfg.media_mount_base)}   # where harmonicd-mount mounts them for the daemon",
+        *([f"watch = [{', '.join(_q(d) for d in cfg.media_watch)}]   # also sticks a desktop mounts under these"]
+          if cfg.media_watch != DEFAULT_MEDIA_WATCH else []),
         f"adopt_blank = {'true' if cfg.media_adopt_blank else 'false'}   # also write to sticks not prepared "
         "(`harmonicctl stick prepare`)",
         "",

@@ -632,12 +632,25 @@ def main(argv: list[str] | None = None) -> int:
     setup_daemon_logging(args.verbose)
     path = config_mod.config_path(args.config)
     try:
-        cfg = config_mod.load(path)
+        # No configuration yet: a first boot, waiting for a bundle (harmonicd/firstboot.py).
+        cfg = config_mod.load(path, first_boot=True)
+        if not cfg.configured:
+            from harmonicd.firstboot import wait_for_bundle
+
+            first = Notifier()
+            try:
+                if not asyncio.run(wait_for_bundle(cfg, first)):
+                    return 0
+            finally:
+                first.close()
+            cfg = config_mod.load(path)
         if not os.path.isdir(cfg.state_dir):
             raise StateError(f"state folder {cfg.state_dir} does not exist (run `harmonicctl init`)")
-    except (ConfigError, StateError) as exc:
+    except (ConfigError, StateError, StartupError) as exc:
         log.error("%s", exc)
         return EX_CONFIG
+    except KeyboardInterrupt:
+        return 0
     notifier = Notifier()
     daemon: Daemon | None = None
     try:

@@ -19,6 +19,7 @@ Nothing else should escape to the user as a traceback.
     │   ├── TruncatedPack                     cut short (stick pulled mid-write)
     │   ├── CorruptPack                       checksum, hash, framing or size limits violated
     │   ├── UntrustedPack                     signed by a key this server does not trust
+    │   │   └── EnrollmentRefused             a first contact whose enrollment token is refused
     │   ├── ReplayedRequest                   an online request already answered (a copy sent again)
     │   └── UnsafeName                        a tree name that could escape or collide
     ├── StickError                   exit 1   the stick itself failed the visit
@@ -112,6 +113,10 @@ class CorruptPack(PackError):
 
 class UntrustedPack(PackError):
     """The pack is signed by a key this server does not trust."""
+
+
+class EnrollmentRefused(UntrustedPack):
+    """A school's first pack proves no live enrollment token for its id and key."""
 
 
 class ReplayedRequest(PackError):

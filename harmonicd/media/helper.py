@@ -290,7 +290,7 @@ def run(device: str, base: str, kinds: tuple[str, ...]) -> int:
 def _media(path: str) -> tuple[str, tuple[str, ...]]:
     """[media] mount_base and devices, read by the daemon's own loader: the same values and
     defaults, and the same one-line errors."""
-    cfg = config.load(path)
+    cfg = config.load(path, first_boot=True)  # a first boot mounts sticks too: its bundle may be on one
     return cfg.media_mount_base, cfg.media_devices
 
 

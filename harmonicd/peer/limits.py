@@ -8,7 +8,9 @@ can act on:
                         key of the school it names (a forgery, or a school whose
                         key was replaced without enrolling it again)
     403 unenrolled      the sender is not an enrolled school server
-    403 revoked         the school's enrollment was revoked
+    403 revoked         the school's enrollment was revoked (its key is refused for ever)
+    403 enrollment-refused  a first contact whose bundle's token is refused: unknown,
+                        expired, withdrawn, used by another key, or its proof wrong
     403 misaddressed    the request is addressed to another server
     403 replayed        this request pack was answered before (a copy, sent again)
     403 stale           the request was made more than server.max_request_age_seconds
@@ -55,6 +57,7 @@ from harmonicd.core.pack import Header, PackReader
 from harmonicd.errors import (
     BadSignature,
     CorruptPack,
+    EnrollmentRefused,
     HarmonicError,
     Misaddressed,
     PackError,
@@ -105,6 +108,8 @@ def refusal(exc: PackError | TrustError) -> Refused:
         return Refused(403, "replayed", msg)
     if isinstance(exc, Misaddressed):
         return Refused(403, "misaddressed", msg)
+    if isinstance(exc, EnrollmentRefused):
+        return Refused(403, "enrollment-refused", msg)
     if isinstance(exc, BadSignature) or (isinstance(exc, UntrustedPack) and (
             "signed by another key" in text or "signature does not verify" in text)):
         return Refused(401, "bad-signature", msg)

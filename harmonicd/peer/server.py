@@ -83,6 +83,7 @@ class PeerServer:
         app.router.add_get(f"{API}/objects/{{oid}}", self._object)
         app.router.add_get(f"{API}/releases/{{name}}", self._release)
         app.router.add_get(f"{API}/health", self._health)
+        app.router.add_get(f"{API}/revocations", self._revocations)
         app.router.add_get(f"{API}/lease/{{serial}}", self._lease)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
         await self._runner.setup()
@@ -100,6 +101,22 @@ class PeerServer:
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"id": self.server_id, "role": self.role, "version": __version__})
+
+    async def _revocations(self, request: web.Request) -> web.StreamResponse:
+        """The master's signed revocation list (on a relay: the newest it verified), as
+        packs carry it in extra["revoked"]; anyone checks it against the master's key."""
+        if self.reader is None:
+            return _error(404, "this server serves no revocation list")
+        got = await self.reader(_revocations)
+        if got is None:
+            return _error(404, "no school server has been revoked")
+        master, seq, body, sig = got
+        etag = f'"{seq}-{sig[:8].hex()}"'  # a new signing key (rotation) signs anew: a new tag
+        headers = {"Cache-Control": f"public, max-age={RELEASE_MAX_AGE}", "ETag": etag}
+        if _etag_matches(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers=headers)
+        return web.json_response({"master": master, "seq": seq, "body": base64.b64encode(body).decode(),
+                                  "sig": base64.b64encode(sig).decode()}, headers=headers)
 
     async def _sync(self, request: web.Request) -> web.StreamResponse:
         length = request.content_length
@@ -247,6 +264,15 @@ class PeerServer:
         if oid not in public[1]:
             return None
         return _get_object(store, oid)
+
+
+def _revocations(store: Store) -> tuple[str, int, bytes, bytes] | None:
+    from harmonicd.services import enrollment
+
+    rl, carried = enrollment.known_list(store), enrollment.carried_list(store)
+    if rl is None or carried is None:
+        return None
+    return rl.master, rl.seq, carried[0], carried[1]
 
 
 def _get_object(store: Store, oid: bytes) -> tuple[int, bytes] | None:

@@ -70,7 +70,7 @@ from harmonicd.errors import (
     UntrustedPack,
 )
 from harmonicd.services import deploy as deploy_mod
-from harmonicd.services import leases
+from harmonicd.services import enrollment, leases
 from harmonicd.services.deploy import default_path, union_tree
 from harmonicd.store import durable
 from harmonicd.store.db import Collection, ReleaseRow
@@ -172,7 +172,10 @@ class Decision:
     missing: int = 0  # objects of its tree still absent after the pack was read
 
 
-def _trust(store: Store) -> Callable[[Header], bytes]:
+def _trust(store: Store, enrolling: list[enrollment.Enrollment] | None = None) -> Callable[[Header], bytes]:
+    """The PackReader's check of a header: the key the pack must be signed with.
+    ``enrolling`` (master): receives a first contact's enrollment, recorded with
+    the pack's import (services/enrollment.py)."""
     cfg = store.cfg
     me = store.key.public
 
@@ -184,7 +187,17 @@ def _trust(store: Store) -> Callable[[Header], bytes]:
                 check_server_id(h.sender, exc=CorruptPack)
             except CorruptPack:
                 raise UntrustedPack(f"pack claims an invalid sender id {h.sender[:40]!r}") from None
+            revoked = enrollment.revoked_sender(store, h)  # a revoked key, whatever id it claims
+            if revoked is not None:
+                raise UntrustedPack(revoked)
             peer = store.db.peer(h.sender)
+            if peer is None or peer.role != "node" or peer.revoked or peer.key != h.sender_key:
+                # Not an enrolled school with this key: a first contact proving its bundle's token?
+                first = enrollment.first_contact(store, h)
+                if first is not None:
+                    if enrolling is not None:
+                        enrolling.append(first)
+                    return h.sender_key
             if peer is None or peer.role != "node":
                 raise UntrustedPack(f"pack is from {h.sender!r}, which is not an enrolled school server")
             if peer.revoked:
@@ -336,7 +349,8 @@ def import_pack(store: Store, path: str, how: str = "stick",
     then nothing of the trusted state has changed."""
     res = ImportResult(path)
     with open_pack(path) as f:
-        reader = PackReader(f, path, _trust(store))
+        first: list[enrollment.Enrollment] = []
+        reader = PackReader(f, path, _trust(store, first))
         h = reader.header
         res.sender = h.sender
         db = store.db
@@ -344,6 +358,7 @@ def import_pack(store: Store, path: str, how: str = "stick",
             res.duplicate = True
             return res
         decisions = _assess(store, h, path)
+        incoming = enrollment.assess(store, h, path, first[0] if first else None)
         # A pack none of whose releases we still need (an old stick) is only
         # read to check its signature, for the acknowledgements it carries.
         needed = any(d.action == "apply" for d in decisions)
@@ -382,7 +397,7 @@ def import_pack(store: Store, path: str, how: str = "stick",
                 # once: say so, and measure what is free once it is gone.
                 batch.discard()
                 raise durable.disk_error(exc, f"importing {path}", need, store.dir) from exc
-    _apply(store, h, decisions, res, how)
+    _apply(store, h, decisions, res, how, incoming)
     return res
 
 
@@ -483,7 +498,8 @@ def _walk_again(tree: bytes, path: str, depth: int, stack: list[tuple[ObjectId, 
     return entries
 
 
-def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult, how: str) -> None:
+def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult, how: str,
+           incoming: enrollment.Incoming | None = None) -> None:
     db = store.db
     cfg = store.cfg
     now = int(time.time())
@@ -515,6 +531,9 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
                 archive_union[name] = union_tree(store, batch, roots)
         batch.commit()
     with db.tx():
+        if incoming is not None:
+            # A first contact enrolled, a newer revocation list kept: with the import, or not at all.
+            enrollment.after_import(store, h, incoming, now)
         for d in decisions:
             if d.action != "apply":
                 continue
@@ -787,6 +806,9 @@ def for_school(store: Store, school: str, leave_out: frozenset[str] = frozenset(
     peer = db.peer(school)
     if peer is None:
         raise HarmonicError(f"{school} is not an enrolled school server")
+    if peer.revoked:
+        # Nothing more is written for a revoked school, online or on a stick.
+        raise UntrustedPack(f"{school}'s enrollment was revoked: nothing is written for it")
     held, partial = stored_have(peer.have)
     colls = [c for c in db.collections()
              if c.mode == "owned" and c.target in (None, school) and c.name not in leave_out]
@@ -965,7 +987,8 @@ def _header(store: Store, out: Outgoing, pack_id: bytes, created: int, volume: i
     return Header(pack_id=pack_id, sender=store.cfg.id, sender_key=store.key.public,
                   recipient=out.recipient, recipient_key=out.recipient_key, created=created,
                   volume=volume, have=out.have, releases=[(r.body, r.sig) for r in out.releases],
-                  acks=out.acks, plan={"objects": objects, "bytes": total})
+                  acks=out.acks, plan={"objects": objects, "bytes": total},
+                  extra=enrollment.header_extra(store, out.recipient_key))
 
 
 def _bare(first: Header) -> int:

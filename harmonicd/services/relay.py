@@ -54,6 +54,7 @@ from harmonicd.errors import (
     TrustError,
     UntrustedPack,
 )
+from harmonicd.services import enrollment
 from harmonicd.services.exchange import (
     _PACK_NAME,
     SUFFIX,
@@ -125,6 +126,9 @@ def check_request(store: Store, path: str) -> Header:
             raise UntrustedPack(f"request claims to be from this relay ({cfg.id})")
         if h.releases and h.acks:
             raise CorruptPack("a request carries no acknowledgements")
+        # The master's revocation list, as this relay last verified it: a revoked
+        # school is neither queued nor answered (the master would refuse it too).
+        enrollment.refuse_revoked(store, h)
         return h.sender_key
 
     with open_pack(path) as f:

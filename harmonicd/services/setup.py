@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from harmonicd import config as config_mod
 from harmonicd.config import NODE_COLLECTIONS, Config
@@ -16,16 +17,23 @@ from harmonicd.store.db import GENERATION
 from harmonicd.store.store import Store
 
 
-def init(cfg: Config) -> str:
-    """Write the config file, create the state folder and key. Returns the public key."""
-    if os.path.exists(cfg.path):
+def init(cfg: Config, *, key: keys.SigningKey | None = None, then: Callable[[Store], None] | None = None,
+         replace_config: bool = False) -> str:
+    """Write the config file, create the state folder and key. Returns the public key.
+
+    ``key``: the key to keep (init from a bundle made its proof with it); ``then``:
+    more to write into the new state in its first transaction (a bundle's pending
+    enrollment). The config file is written last: a state folder without one is
+    an init that did not finish. ``replace_config``: the file at cfg.path is a
+    first-boot configuration (no server id) that this one replaces."""
+    if os.path.exists(cfg.path) and not replace_config:
         raise ConfigError(f"{cfg.path}: a configuration already exists; init never overwrites one")
     if os.path.exists(os.path.join(cfg.state_dir, "state.db")):
         raise UsageError(f"{cfg.state_dir} already holds a Harmonic state; choose another --state-dir")
     os.makedirs(cfg.state_dir, mode=0o750, exist_ok=True)
     for src in cfg.sources.values():
         os.makedirs(src, exist_ok=True)
-    key = keys.SigningKey.generate()
+    key = key or keys.SigningKey.generate()
     key_path = os.path.join(cfg.state_dir, "key")
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -49,6 +57,8 @@ def init(cfg: Config) -> str:
                                   path=default_path(store, "content"))
                 for name in NODE_COLLECTIONS:
                     db.add_collection(name, name, cfg.id, "owned", source=cfg.sources[name])
+            if then is not None:
+                then(store)
     durable.fsync_dir(cfg.state_dir)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.path)), exist_ok=True)
     durable.atomic_write(cfg.path, config_mod.render(cfg).encode(), 0o640)

@@ -15,9 +15,12 @@ Tables:
 * ``packs``        pack volumes read and written (re-inserted sticks are skipped quietly)
 * ``objects``      object id -> kind, segment file, offset, length (store/objects.py)
 * ``partial``      objects received for releases not yet complete (kept by gc, listed in requests)
-* ``leases``       master: the laptops' leases it last issued, per school (services/leases.py)
 * ``trust_chain``  the master's key chain as verified (a school) or made (the master); meta
                    ``trust.anchor`` on a master that rotated: its version-0 key
+* ``leases``       master: the laptops' leases it last issued, per school (services/leases.py)
+* ``tokens``       master: enrollment tokens of the bundles it made (``token_uses``: who enrolled with each)
+* ``revoked_keys`` master: keys of revoked school servers, refused for ever (the revocation list)
+* ``revocations``  school: the newest revocation list of the master it verified, as signed
 """
 
 from __future__ import annotations
@@ -92,6 +95,34 @@ CREATE TABLE IF NOT EXISTS statcache (
 CREATE TABLE IF NOT EXISTS partial (
     id BLOB PRIMARY KEY            -- objects received for releases still incomplete
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    id BLOB PRIMARY KEY,           -- token id (16 bytes), named in a school's extra["enroll"]
+    token BLOB NOT NULL,           -- the secret a school proves it knows (core/bundle.py)
+    school TEXT,                   -- the school it is for; NULL: a region bundle
+    prefix TEXT,                   -- region: the id prefix of the servers it enrolls
+    count INTEGER NOT NULL,        -- servers that may enroll with it
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    withdrawn INTEGER NOT NULL DEFAULT 0   -- a newer bundle replaced it, or its school was revoked
+);
+CREATE TABLE IF NOT EXISTS token_uses (
+    token BLOB NOT NULL,
+    school TEXT NOT NULL,
+    key BLOB NOT NULL,             -- the key that proved it: the same again is a lost answer, another is refused
+    at INTEGER NOT NULL,
+    PRIMARY KEY (token, school)
+);
+CREATE TABLE IF NOT EXISTS revoked_keys (
+    key BLOB PRIMARY KEY,
+    school TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    master TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    sig BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS packs (
     pack_id BLOB NOT NULL,
     volume INTEGER NOT NULL,
@@ -140,6 +171,18 @@ class Peer:
     last_seen: int | None
     last_how: str | None
     have: bytes | None
+
+
+@dataclass
+class Token:
+    id: bytes
+    token: bytes
+    school: str | None
+    prefix: str | None
+    count: int
+    created: int
+    expires: int
+    withdrawn: int
 
 
 @dataclass
@@ -215,6 +258,70 @@ class StateDB:
     def peer_seen(self, pid: str, at: int, how: str, have: bytes | None) -> None:
         self.conn.execute("UPDATE peers SET last_seen=?, last_how=?, have=COALESCE(?, have) WHERE id=?",
                           (at, how, have, pid))
+
+    def enroll_peer(self, pid: str, key: bytes, at: int) -> None:
+        """A school enrolled by its bundle's token: a new row, or a revoked one's
+        replacement (a new key, nothing of the old server's state kept)."""
+        self.conn.execute(
+            "INSERT INTO peers(id, key, role, enrolled) VALUES (?, ?, 'node', ?) "
+            "ON CONFLICT(id) DO UPDATE SET key=excluded.key, role='node', enrolled=excluded.enrolled, "
+            "revoked=0, last_seen=NULL, last_how=NULL, have=NULL", (pid, key, at))
+
+    def revoke_peer(self, pid: str, at: int) -> None:
+        self.conn.execute("UPDATE peers SET revoked=1 WHERE id=?", (pid,))
+        row = self.peer(pid)
+        if row is not None:
+            self.conn.execute("INSERT OR IGNORE INTO revoked_keys(key, school, at) VALUES (?, ?, ?)",
+                              (row.key, pid, at))
+        self.conn.execute("UPDATE tokens SET withdrawn=1 WHERE school=?", (pid,))
+
+    # -- enrollment tokens (master)
+    _TCOLS = "id, token, school, prefix, count, created, expires, withdrawn"
+
+    def add_token(self, t: Token) -> None:
+        self.conn.execute(f"INSERT INTO tokens({self._TCOLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                          (t.id, t.token, t.school, t.prefix, t.count, t.created, t.expires, t.withdrawn))
+
+    def token(self, tid: bytes) -> Token | None:
+        r = self.conn.execute(f"SELECT {self._TCOLS} FROM tokens WHERE id=?", (tid,)).fetchone()
+        return None if r is None else Token(*r)
+
+    def tokens(self) -> list[Token]:
+        return [Token(*r) for r in self.conn.execute(f"SELECT {self._TCOLS} FROM tokens ORDER BY created")]
+
+    def withdraw_tokens(self, school: str) -> None:
+        """Earlier bundles for school not yet used: a newer one replaces them."""
+        self.conn.execute("UPDATE tokens SET withdrawn=1 WHERE school=? AND id NOT IN "
+                          "(SELECT token FROM token_uses)", (school,))
+
+    def token_uses(self, tid: bytes) -> dict[str, bytes]:
+        """school -> the key it proved the token with."""
+        return {r[0]: r[1] for r in self.conn.execute("SELECT school, key FROM token_uses WHERE token=?", (tid,))}
+
+    def use_token(self, tid: bytes, school: str, key: bytes, at: int) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO token_uses(token, school, key, at) VALUES (?, ?, ?, ?)",
+                          (tid, school, key, at))
+
+    # -- revocation
+    def revoked_keys(self) -> list[tuple[str, bytes, int]]:
+        """Master: (school, key, when) of every key revoked, oldest first."""
+        return [(r[0], r[1], r[2]) for r in
+                self.conn.execute("SELECT school, key, at FROM revoked_keys ORDER BY at, school, key")]
+
+    def key_revoked(self, key: bytes) -> str | None:
+        """Master: the school a revoked key belonged to, or None."""
+        r = self.conn.execute("SELECT school FROM revoked_keys WHERE key=?", (key,)).fetchone()
+        return None if r is None else str(r[0])
+
+    def revocation_list(self) -> tuple[str, int, bytes, bytes] | None:
+        """School or relay: (master, seq, body, sig) of the newest list verified."""
+        r = self.conn.execute("SELECT master, seq, body, sig FROM revocations ORDER BY seq DESC LIMIT 1").fetchone()
+        return None if r is None else (str(r[0]), int(r[1]), bytes(r[2]), bytes(r[3]))
+
+    def put_revocation_list(self, master: str, seq: int, body: bytes, sig: bytes) -> None:
+        self.conn.execute("DELETE FROM revocations")
+        self.conn.execute("INSERT INTO revocations(master, seq, body, sig) VALUES (?, ?, ?, ?)",
+                          (master, seq, body, sig))
 
     # -- collections
     _CCOLS = ("name, collection, owner, mode, target, source, path, seq, root, deployed, "

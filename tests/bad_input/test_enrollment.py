@@ -1,0 +1,362 @@
+"""Bootstrap bundles, enrollment at first contact and revocation, by stick
+(`harmonicctl bundle`, `init --bundle`, `exchange`, `revoke`), with the bad
+inputs of issue 6: a bundle tampered with, expired or already used, a token
+presented twice, a revoked school. Each refusal: one line naming what and
+why, an exit code, and the trusted state (the master's state.db, the school's
+configuration and key) unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harmonicd.core import keys
+from harmonicd.core.bundle import HEAD, MAGIC, VERSION
+from harmonicd.core.codec import pack_msg, unpack_msg
+from harmonicd.core.pack import PackReader
+from tests.bad_input.helpers import (
+    CONTENT,
+    assert_unchanged,
+    exchange,
+    refusal,
+    snapshot,
+    sync_once,
+)
+from tests.conftest import Server, make_master, tree_digest, write_tree
+
+
+@dataclass
+class Lab:
+    master: Server
+    content: Path
+    tmp: Path
+    stick: Path
+
+    def bundle(self, school: str, *extra: str, name: str | None = None) -> Path:
+        out = self.tmp / (name or f"{school}.hbundle")
+        self.master.ctl("bundle", school, "--out", str(out), "--sticks-only", *extra)
+        return out
+
+    def init(self, name: str, bundle: Path, *extra: str, check: bool = True) -> tuple[Server, str]:
+        s = Server(name, self.tmp / f"{name}.toml", self.tmp / name)
+        p = s.ctl("init", "--bundle", str(bundle), "--state-dir", str(s.state),
+                  "--socket", str(self.tmp / f"{name}-run" / "control.sock"), *extra, check=check)
+        return s, p.stdout.splitlines()[0] if p.returncode == 0 else p.stderr
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    m, _key = make_master(tmp_path)
+    content = tmp_path / "content"
+    write_tree(content, CONTENT)
+    m.ctl("publish", "content", str(content))
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    return Lab(m, content, tmp_path, stick)
+
+
+def files_digest(*paths: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else "absent" for p in paths}
+
+
+def one_line(p_stderr: str, *needles: str) -> str:
+    lines = [ln for ln in p_stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p_stderr
+    assert "Traceback" not in p_stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def requests_on(stick: Path, school: str) -> list[Path]:
+    return sorted((stick / "HARMONIC" / "to-master").glob(f"{school}-2*.hpk"))
+
+
+def header_extra(pack: Path) -> dict[str, object]:
+    with pack.open("rb") as f:
+        return dict(PackReader(f, str(pack), lambda h: h.sender_key).header.extra)
+
+
+def token_uses(m: Server) -> list[tuple[str, bytes]]:
+    with m.store(lock=False) as st:
+        return [(r[0], r[1]) for r in st.db.conn.execute("SELECT school, key FROM token_uses ORDER BY school")]
+
+
+# --------------------------------------------------------------------------- the way it works
+
+
+def test_bundle_init_and_enroll_by_stick(lab: Lab) -> None:
+    b = lab.bundle("school-1")
+    assert b.stat().st_mode & 0o777 == 0o600
+    s, key = lab.init("school-1", b)
+    assert key.startswith("ed25519:")
+    cfg = s.cfg()
+    assert cfg.id == "school-1"
+    assert cfg.master_key == keys.parse_key(lab.master.ctl("key").stdout)
+    assert cfg.upstream_url == ""
+    s.ctl("exchange", str(lab.stick))
+    (req,) = requests_on(lab.stick, "school-1")
+    assert set(header_extra(req)) == {"enroll"}, "a pending school proves its token in its request"
+    lab.master.ctl("exchange", str(lab.stick))
+    s.ctl("exchange", str(lab.stick))
+    assert tree_digest(s.deploy / "content") == tree_digest(lab.content)
+    with lab.master.store(lock=False) as st:
+        peer = st.db.peer("school-1")
+        assert peer is not None
+        assert peer.key == keys.parse_key(key)
+        assert peer.last_how == "stick"
+    assert token_uses(lab.master) == [("school-1", keys.parse_key(key))]
+    # Enrolled: its next request carries no proof.
+    (req,) = requests_on(lab.stick, "school-1")
+    assert "enroll" not in header_extra(req)
+    lab.master.ctl("exchange", str(lab.stick))
+    s.ctl("exchange", str(lab.stick))
+    assert "enroll" not in header_extra(requests_on(lab.stick, "school-1")[0])
+
+
+def test_token_presented_twice_with_the_same_key_is_a_lost_answer(lab: Lab) -> None:
+    s, key = lab.init("school-1", lab.bundle("school-1"))
+    other = lab.tmp / "stick-2"
+    other.mkdir()
+    s.ctl("exchange", str(lab.stick))
+    s.ctl("exchange", str(other))  # a second request before any answer: the proof again
+    assert "enroll" in header_extra(requests_on(other, "school-1")[0])
+    lab.master.ctl("exchange", str(lab.stick))
+    before = snapshot(lab.master)
+    p = lab.master.ctl("exchange", str(other))
+    assert p.returncode == 0, p.stderr
+    assert token_uses(lab.master) == [("school-1", keys.parse_key(key))]
+    after = snapshot(lab.master)
+    assert after.rows["peers"][0][:5] == before.rows["peers"][0][:5], "the enrollment is the same"
+    assert after.rows["tokens"] == before.rows["tokens"]
+
+
+# --------------------------------------------------------------------------- bad bundles at init
+
+
+def _nothing_made(s: Server) -> None:
+    assert not s.config.exists(), "no configuration written"
+    assert not (s.state / "state.db").exists(), "no state made"
+    assert not (s.state / "key").exists(), "no key made"
+
+
+def test_bundle_with_a_byte_flipped_is_refused(lab: Lab) -> None:
+    b = lab.bundle("school-1")
+    data = bytearray(b.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bad = lab.tmp / "flipped.hbundle"
+    bad.write_bytes(bytes(data))
+    s, err = lab.init("school-1", bad, check=False)
+    line = one_line(err, str(bad))
+    assert "signature does not verify" in line or "damaged" in line, line
+    _nothing_made(s)
+
+
+def test_bundle_changed_and_resigned_by_another_key_is_refused(lab: Lab) -> None:
+    b = lab.bundle("school-1")
+    raw = b.read_bytes()
+    n = HEAD.unpack_from(raw)[2]
+    d = unpack_msg(raw[HEAD.size:HEAD.size + n])
+    d["school"] = "school-666"
+    d["upstream"] = ["http://evil.example.org"]
+    body = pack_msg(d)
+    bad = lab.tmp / "forged.hbundle"
+    other = keys.SigningKey.generate()
+    bad.write_bytes(HEAD.pack(MAGIC, VERSION, len(body)) + body + other.sign(keys.TAG_BUNDLE, body))
+    s, err = lab.init("school-666", bad, check=False)
+    one_line(err, str(bad), "signature does not verify against the master's key")
+    _nothing_made(s)
+
+
+def test_expired_bundle_is_refused_at_init(lab: Lab) -> None:
+    b = lab.bundle("school-1", "--expires-days", "0.00002")  # about two seconds
+    time.sleep(3)
+    s, err = lab.init("school-1", b, check=False)
+    one_line(err, str(b), "expired at", "by this machine's clock")
+    _nothing_made(s)
+
+
+def test_token_expired_at_the_master_is_refused(lab: Lab) -> None:
+    b = lab.bundle("school-1", "--expires-days", "0.00005")  # about four seconds
+    s, _key = lab.init("school-1", b)
+    s.ctl("exchange", str(lab.stick))
+    (req,) = requests_on(lab.stick, "school-1")
+    time.sleep(max(0.0, 5 - (time.time() - req.stat().st_mtime)))
+    before = snapshot(lab.master)
+    p = exchange(lab.master, lab.stick)
+    refusal(p, req, r"enrollment token \w+, which expired at .*make a new bundle")
+    assert_unchanged(lab.master, before)
+    assert not (lab.stick / "HARMONIC" / "to-school-1").exists() or not any(
+        (lab.stick / "HARMONIC" / "to-school-1").iterdir()), "nothing written for it"
+
+
+def test_init_on_a_server_already_set_up_is_refused(lab: Lab) -> None:
+    b = lab.bundle("school-1")
+    s, _key = lab.init("school-1", b)
+    kept = files_digest(s.config, s.state / "key", s.state / "state.db")
+    # The same configuration path: it exists.
+    p = s.ctl("init", "--bundle", str(b), "--state-dir", str(s.state), check=False)
+    assert p.returncode == 1
+    one_line(p.stderr, str(s.config), "set up already")
+    # Another configuration path, the same state folder.
+    p = s.ctl("--config", str(lab.tmp / "other.toml"), "init", "--bundle", str(b), "--state-dir", str(s.state),
+              check=False)
+    assert p.returncode == 2
+    one_line(p.stderr, str(s.state), "already holds a Harmonic state")
+    assert not (lab.tmp / "other.toml").exists()
+    assert files_digest(s.config, s.state / "key", s.state / "state.db") == kept
+
+
+def test_used_bundle_proved_by_a_second_key_is_refused(lab: Lab) -> None:
+    b = lab.bundle("school-1")
+    first, key = lab.init("school-1", b)
+    sync_once(lab.master, first, lab.stick)
+    # The same bundle again, on another machine: a new key, the same id and token.
+    thief, _ = lab.init("thief", b)  # (its folder's name; the id is the bundle's)
+    assert thief.cfg().id == "school-1"
+    thief_stick = lab.tmp / "stick-thief"
+    thief_stick.mkdir()
+    thief.ctl("exchange", str(thief_stick))
+    (req,) = requests_on(thief_stick, "school-1")
+    before = snapshot(lab.master)
+    p = exchange(lab.master, thief_stick)
+    refusal(p, req, r"was used already by school-1 with another key")
+    assert_unchanged(lab.master, before)
+    assert token_uses(lab.master) == [("school-1", keys.parse_key(key))]
+    assert not (thief_stick / "HARMONIC" / "to-school-1").exists()
+
+
+def test_unknown_and_withdrawn_tokens_are_refused(lab: Lab) -> None:
+    old = lab.bundle("school-1", name="old.hbundle")
+    lab.bundle("school-1", name="new.hbundle")  # the newer bundle for school-1 replaces the older
+    s, _ = lab.init("school-1", old)
+    s.ctl("exchange", str(lab.stick))
+    (req,) = requests_on(lab.stick, "school-1")
+    before = snapshot(lab.master)
+    p = exchange(lab.master, lab.stick)
+    refusal(p, req, r"which was withdrawn \(a newer bundle replaced it")
+    assert_unchanged(lab.master, before)
+    # A bundle of another master: its token is unknown here (and its key too).
+    other_master, _ = make_master(lab.tmp, "master-2")
+    foreign = lab.tmp / "foreign.hbundle"
+    other_master.ctl("bundle", "school-9", "--out", str(foreign), "--sticks-only")
+    f, _ = lab.init("school-9", foreign)
+    st2 = lab.tmp / "stick-9"
+    st2.mkdir()
+    f.ctl("exchange", str(st2))
+    p = exchange(lab.master, st2)
+    assert p.returncode == 0, "a pack for another master is left alone, not refused"
+    assert requests_on(st2, "school-9"), "still on the stick for its own master"
+    assert_unchanged(lab.master, before)
+
+
+def test_bundle_usage_errors(lab: Lab) -> None:
+    m = lab.master
+    out = lab.tmp / "x.hbundle"
+    for args, says in ((("school-1", "--out", str(out)), "no upstream address"),
+                       (("master", "--out", str(out), "--sticks-only"), "reserved"),
+                       (("school-1", "--out", str(out), "--sticks-only", "--collections", "nope"), "not a collection"),
+                       (("--region", "north-", "--out", str(out), "--sticks-only"), "--count"),
+                       (("school-1", "--out", str(out), "--upstream", "ftp://x"), "not an http")):
+        p = m.ctl("bundle", *args, check=False)
+        assert p.returncode == 2, (args, p.stderr)
+        one_line(p.stderr, says)
+        assert not out.exists()
+    lab.bundle("school-1", name="x.hbundle")
+    p = m.ctl("bundle", "school-2", "--out", str(out), "--sticks-only", check=False)
+    one_line(p.stderr, "exists already")
+
+
+# --------------------------------------------------------------------------- revocation, by stick
+
+
+def test_revoked_school_is_refused_by_stick_and_nothing_is_written_for_it(lab: Lab) -> None:
+    s, key = lab.init("school-1", lab.bundle("school-1"))
+    sync_once(lab.master, s, lab.stick)
+    p = lab.master.ctl("revoke", "school-1")
+    assert "revoked school-1" in p.stdout
+    with lab.master.store(lock=False) as st:
+        peer = st.db.peer("school-1")
+        assert peer is not None
+        assert peer.revoked == 1
+        assert st.db.key_revoked(keys.parse_key(key)) == "school-1"
+    write_tree(s.source("stats"), {"after.csv": b"stolen,1\n"})
+    s.ctl("exchange", str(lab.stick))
+    (req,) = requests_on(lab.stick, "school-1")
+    before = snapshot(lab.master)
+    p = exchange(lab.master, lab.stick)
+    refusal(p, req, r"pack is from 'school-1', whose enrollment was revoked")
+    assert_unchanged(lab.master, before)
+    answers = lab.stick / "HARMONIC" / "to-school-1"
+    assert not answers.exists() or not list(answers.glob("*.hpk")), "nothing written for a revoked school"
+    # Revoking again says so; an unknown id is a usage error.
+    assert "revoked already" in lab.master.ctl("revoke", "school-1").stdout
+    p = lab.master.ctl("revoke", "school-77", check=False)
+    assert p.returncode == 2
+    one_line(p.stderr, "school-77")
+
+
+def test_revocation_list_travels_to_other_schools(lab: Lab) -> None:
+    a, _ = lab.init("school-a", lab.bundle("school-a"))
+    b, key_b = lab.init("school-b", lab.bundle("school-b"))
+    sticks = {}
+    for s in (a, b):
+        sticks[s.name] = lab.tmp / f"stick-{s.name}"
+        sticks[s.name].mkdir()
+        sync_once(lab.master, s, sticks[s.name])
+    lab.master.ctl("revoke", "school-b")
+    with a.store(lock=False) as st:
+        assert st.db.revocation_list() is None
+    sync_once(lab.master, a, sticks["school-a"])
+    with a.store(lock=False) as st:
+        got = st.db.revocation_list()
+        assert got is not None
+        assert got[:2] == ("master-1", 1)
+    from harmonicd.services import enrollment
+
+    with a.store(lock=False) as st:
+        rl = enrollment.known_list(st)
+        assert rl is not None
+        entry = rl.names(keys.parse_key(key_b))
+        assert entry is not None
+        assert entry.school == "school-b"
+
+
+def test_stolen_server_replaced_under_the_same_id(lab: Lab) -> None:
+    old, old_key = lab.init("school-1", lab.bundle("school-1"))
+    write_tree(old.source("backup"), {"notes.txt": b"before the theft\n"})
+    sync_once(lab.master, old, lab.stick)
+    p = lab.master.ctl("bundle", "school-1", "--out", str(lab.tmp / "again.hbundle"), "--sticks-only", check=False)
+    assert p.returncode == 2
+    one_line(p.stderr, "enrolled already", "revoke school-1")
+    lab.master.ctl("revoke", "school-1")
+    new_bundle = lab.bundle("school-1", name="replacement.hbundle")
+    new, new_key = lab.init("school-1-new", new_bundle)
+    assert new.cfg().id == "school-1"
+    assert new_key != old_key
+    write_tree(new.source("backup"), {"notes.txt": b"after the replacement\n"})
+    sync_once(lab.master, new, lab.stick)
+    assert tree_digest(new.deploy / "content") == tree_digest(lab.content)
+    with lab.master.store(lock=False) as st:
+        peer = st.db.peer("school-1")
+        assert peer is not None
+        assert peer.key == keys.parse_key(new_key)
+        assert not peer.revoked
+        archive = st.db.collection("school-1/backup")
+        assert archive is not None
+        assert archive.seq == 2, "the new server numbers on from the old one's releases"
+    assert (lab.master.deploy / "school-1/backup" / "notes.txt").read_bytes() == b"after the replacement\n"
+    # The old key stays refused, whatever it does.
+    write_tree(old.source("stats"), {"x.csv": b"1\n"})
+    thief_stick = lab.tmp / "stick-old"
+    thief_stick.mkdir()
+    old.ctl("exchange", str(thief_stick))
+    (req,) = requests_on(thief_stick, "school-1")
+    before = snapshot(lab.master)
+    p = exchange(lab.master, thief_stick)
+    refusal(p, req, r"whose enrollment was revoked")
+    assert_unchanged(lab.master, before)
