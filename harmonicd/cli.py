@@ -619,6 +619,8 @@ def _render_status(st: dict[str, Any]) -> str:
         m = st["master"]
         lines.append(f"master:    {m['id'] or 'not yet heard from'}"
                      + (f", last contact {_age(m['last_seen'])} by {m['how']}" if m["last_seen"] else ""))
+        if st.get("enrolling"):
+            lines.append("enrolling: set up from a bundle; enrolled at the master's first answer (online or stick)")
     up = st.get("upstream")
     if up:
         reach = {True: "reachable", False: "unreachable", None: "not checked"}[up.get("reachable")]

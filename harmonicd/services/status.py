@@ -64,6 +64,8 @@ def status(store: Store, store_size: dict[str, int] | None = None) -> dict[str, 
         out["master"] = {"id": master.id if master else None,
                          "last_seen": _iso(master.last_seen) if master else None,
                          "how": master.last_how if master else None}
+        # Set up from a bundle, and the master has not answered it yet (services/enrollment.py).
+        out["enrolling"] = bool(db.get_meta("enroll.token"))
         # The laptops' anti-theft leases this school serves, and the clock they are judged by.
         out["leases"] = leases.school_status(store)
         out["clock"] = leases.clock_status(store)
