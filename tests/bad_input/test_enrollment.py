@@ -23,6 +23,7 @@ from tests.bad_input.helpers import (
     assert_unchanged,
     exchange,
     refusal,
+    signing_key,
     snapshot,
     sync_once,
 )
@@ -360,3 +361,29 @@ def test_stolen_server_replaced_under_the_same_id(lab: Lab) -> None:
     p = exchange(lab.master, thief_stick)
     refusal(p, req, r"whose enrollment was revoked")
     assert_unchanged(lab.master, before)
+
+
+def test_bundle_after_a_key_rotation_starts_the_school_at_the_current_version(lab: Lab) -> None:
+    root = lab.tmp / "root.key"
+    lab.master.ctl("trust", "new-key", "--out", str(root))
+    lab.master.ctl("trust", "rotate", "--new-root-key", str(root))
+    b = lab.bundle("school-1")
+    s, _key = lab.init("school-1", b)
+    # It pins the anchor and holds the link: the master's current signing key is the one it trusts.
+    assert s.cfg().master_key == keys.parse_key(lab.master.ctl("key").stdout)
+    with s.store(lock=False) as st, lab.master.store(lock=False) as mt:
+        assert st.trust_chain().version == 1
+        assert st.master_key() == mt.key.public
+    sync_once(lab.master, s, lab.stick)
+    assert tree_digest(s.deploy / "content") == tree_digest(lab.content)
+    assert token_uses(lab.master)[0][0] == "school-1"
+    # The chain cut off a bundle signed by the current key: the anchor would have to sign it.
+    raw = b.read_bytes()
+    d = unpack_msg(raw[HEAD.size:HEAD.size + HEAD.unpack_from(raw)[2]])
+    d["chain"] = []
+    body = pack_msg(d)
+    cut = lab.tmp / "cut.hbundle"
+    cut.write_bytes(HEAD.pack(MAGIC, VERSION, len(body)) + body + signing_key(lab.master).sign(keys.TAG_BUNDLE, body))
+    s2, err = lab.init("school-2", cut, check=False)
+    one_line(err, str(cut), "signature does not verify against the master's key")
+    _nothing_made(s2)
