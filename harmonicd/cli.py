@@ -73,7 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     rv = sub.add_parser("revoke", parents=[common], help="master: refuse school server ID from now on")
     rv.add_argument("id")
 
-    sub.add_parser("key", parents=[common], help="print this server's public key")
+    sub.add_parser("key", parents=[common],
+                   help="print this server's public key (the master: the key schools pin, its first)")
+    tr = sub.add_parser("trust", parents=[common], help="the master's key chain: keys, rotation")
+    tr_sub = tr.add_subparsers(dest="trust_command", required=True, parser_class=_Parser)
+    tn = tr_sub.add_parser("new-key", parents=[common],
+                           help="write a new key (an offline root key) into FILE (0600) and print its public key")
+    tn.add_argument("--out", required=True, metavar="FILE")
+    trr = tr_sub.add_parser("rotate", parents=[common],
+                            help="master: a new signing key, signed by the root key (and a new root, if given)")
+    trr.add_argument("--root-key", metavar="FILE", help="the current root key (not needed for the first rotation)")
+    trr.add_argument("--new-root-key", metavar="FILE", help="a new root key (needed for the first rotation)")
+    tsh = tr_sub.add_parser("show", parents=[common], help="the master's key chain as this server trusts it")
+    tsh.add_argument("--json", action="store_true")
     en = sub.add_parser("enroll", parents=[common], help="master: accept a school server and its key")
     en.add_argument("id")
     en.add_argument("key")
@@ -138,6 +150,12 @@ def _run(args: argparse.Namespace, path: str) -> int:
     cmd = args.command
     if cmd == "init":
         return _init(args, path)
+    if cmd == "trust" and args.trust_command == "new-key":
+        # No configuration needed: the root key is made on the admin's own machine.
+        from harmonicd.services.trust import new_key
+
+        print(keys.format_key(new_key(args.out)))
+        return 0
     if cmd == "status":
         first = config_mod.load(path, first_boot=True)
         if not first.configured:
@@ -154,8 +172,13 @@ def _run(args: argparse.Namespace, path: str) -> int:
 
     if cmd == "key":
         with Store(cfg, lock=False) as store:
-            print(keys.format_key(store.key.public))
+            # The master prints the anchor of its key chain (its key before any
+            # rotation): what `init node --master-key` takes, through every rotation.
+            print(keys.format_key(store.trust_chain().anchor if cfg.is_master else store.key.public))
         return 0
+    if cmd == "trust" and args.trust_command == "show":
+        with Store(cfg, lock=False) as store:
+            return _trust_show(store, args.json)
     if cmd == "status":
         st = _daemon_status(cfg)
         if st is None:
@@ -199,6 +222,8 @@ def _run(args: argparse.Namespace, path: str) -> int:
             return 0
         if cmd == "exchange":
             return _exchange(store, args.dir)
+        if cmd == "trust":
+            return _trust_rotate(store, args.root_key, args.new_root_key)
         if cmd == "lease":
             return _lease(store, args)
         if cmd == "verify":

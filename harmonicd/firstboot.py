@@ -66,6 +66,7 @@ class FirstBoot:
         prepare_socket_path(self.cfg.socket, self.cfg.socket_group)
         await self.control.start()
         self.notifier.ready("unconfigured: waiting for a bundle")
+        beat = asyncio.create_task(self._heartbeat(), name="watchdog")
         log.warning("no configuration at %s: waiting for a bundle (HARMONIC/bundle*.hbundle on a stick, or %s)",
                     self.cfg.path, self.image_bundle())
         try:
@@ -82,11 +83,19 @@ class FirstBoot:
                 except TimeoutError:
                     pass
         finally:
+            beat.cancel()
             self.activity.close_streams()
             await self.control.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         return self.configured
+
+    async def _heartbeat(self) -> None:
+        """WATCHDOG=1 as the configured daemon sends it (the unit's WatchdogSec holds while waiting too)."""
+        every = self.notifier.watchdog_interval
+        while every:
+            self.notifier.watchdog()
+            await asyncio.sleep(every)
 
     def set_up_meanwhile(self) -> bool:
         """An admin ran `harmonicctl init` (with --bundle, say) while this waited."""

@@ -7,7 +7,8 @@ Two kinds of answers, for two kinds of HTTP caches:
 - public: shared release packs (``/v1/shared/<sha256>/<name>``) and objects by
   hash (``/v1/objects/<id>``), whose URL names a hash of their bytes, so they
   never change: strong ETag, ``public, max-age=31536000, immutable``, Range;
-  and the latest signed release of each collection (``public, max-age=60``).
+  and the latest signed release of each collection and the master's key
+  chain (``public, max-age=60``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ Reader = Callable[[Callable[[Store], Any]], Awaitable[Any]]
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 RELEASE_MAX_AGE = 60  # seconds a cache may serve a collection's latest release before asking again
+TRUST_MAX_AGE = 60  # seconds a cache may serve the master's key chain (GET /v1/trust)
 PRIVATE = "private, no-store"
 SHARED = "shared"  # STATE/shared/<sha256>/<name> (services/shared.py)
 COLLECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,191}\Z")  # NAME, or NAME@SCHOOL (refused below)
@@ -82,6 +84,7 @@ class PeerServer:
         app.router.add_get(f"{API}/shared/{{digest}}/{{name}}", self._shared)
         app.router.add_get(f"{API}/objects/{{oid}}", self._object)
         app.router.add_get(f"{API}/releases/{{name}}", self._release)
+        app.router.add_get(f"{API}/trust", self._trust)
         app.router.add_get(f"{API}/health", self._health)
         app.router.add_get(f"{API}/revocations", self._revocations)
         app.router.add_get(f"{API}/lease/{{serial}}", self._lease)
@@ -101,6 +104,25 @@ class PeerServer:
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"id": self.server_id, "role": self.role, "version": __version__})
+
+    async def _trust(self, request: web.Request) -> web.StreamResponse:
+        """The master's key chain (services/trust.py): the master's own, or on a relay
+        the copy it verified. Anyone checks it from the anchor key; a short cache
+        time, as a rotation must reach a school soon."""
+        if self.reader is None:
+            return _error(404, "this server does not serve the key chain")
+        from harmonicd.services import trust
+
+        try:
+            chain: dict[str, Any] = await self.reader(trust.served)
+        except HarmonicError as exc:
+            log.error("GET trust: %s", exc)
+            return _error(500, f"the server could not read its key chain: {exc}")
+        etag = f'"{chain["version"]}-{chain["signing"][-16:]}"'
+        headers = {"Cache-Control": f"public, max-age={TRUST_MAX_AGE}", "ETag": etag}
+        if _etag_matches(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers=headers)
+        return web.json_response(chain, headers=headers)
 
     async def _revocations(self, request: web.Request) -> web.StreamResponse:
         """The master's signed revocation list (on a relay: the newest it verified), as

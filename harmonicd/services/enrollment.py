@@ -115,9 +115,10 @@ def make_bundle(store: Store, out: str, *, school: str | None = None, prefix: st
             raise UsageError(f"--upstream {u!r} is not an http:// or https:// URL (or \"auto\")")
     if len(urls) > bundle_mod.MAX_UPSTREAMS:
         raise UsageError(f"at most {bundle_mod.MAX_UPSTREAMS} --upstream addresses")
-    mine = {c.collection: c for c in db.collections() if c.mode == "owned"}
+    owned = [c for c in db.collections() if c.mode == "owned"]
+    mine = {c.collection for c in owned}  # a collection --for one school is "NAME@SCHOOL" here, NAME there
     if collections is None:
-        names = sorted(n for n, c in mine.items() if c.target is None or c.target == school)
+        names = sorted({c.collection for c in owned if c.target is None or c.target == school})
     else:
         names = []
         for n in collections:

@@ -71,6 +71,7 @@ from harmonicd.errors import (
 )
 from harmonicd.services import deploy as deploy_mod
 from harmonicd.services import enrollment, leases
+from harmonicd.services import trust as trust_mod
 from harmonicd.services.deploy import default_path, union_tree
 from harmonicd.store import durable
 from harmonicd.store.db import Collection, ReleaseRow
@@ -177,10 +178,10 @@ def _trust(store: Store, enrolling: list[enrollment.Enrollment] | None = None) -
     ``enrolling`` (master): receives a first contact's enrollment, recorded with
     the pack's import (services/enrollment.py)."""
     cfg = store.cfg
-    me = store.key.public
+    mine = trust_mod.own_keys(store)  # the master: any signing key of its chain
 
     def check(h: Header) -> bytes:
-        if h.recipient_key is not None and h.recipient_key != me:
+        if h.recipient_key is not None and h.recipient_key not in mine:
             raise Misaddressed(f"pack is addressed to {h.recipient or 'another server'}, not to {cfg.id}")
         if cfg.is_master:
             try:
@@ -205,7 +206,10 @@ def _trust(store: Store, enrolling: list[enrollment.Enrollment] | None = None) -
             if peer.key != h.sender_key:
                 raise UntrustedPack(f"pack claims to be from {h.sender!r} but is signed by another key")
             return peer.key
-        if h.sender_key == cfg.master_key:
+        # The chain the pack carries is followed first (nothing stored yet): the
+        # master's pack is signed by the signing key it ends at; one signed by a
+        # key it has retired is refused (a rollback).
+        if trust_mod.follow(store, h).from_master:
             return h.sender_key
         # Not the master's pack: a relay's, serving the master's releases from its
         # replica. Whoever signed it, every release in it must verify against the
@@ -224,11 +228,14 @@ def _trust(store: Store, enrolling: list[enrollment.Enrollment] | None = None) -
     return check
 
 
-def _assess(store: Store, h: Header, where: str) -> list[Decision]:
-    """Check every release in a pack's header before anything is read or stored."""
+def _assess(store: Store, h: Header, where: str, followed: trust_mod.Followed | None = None) -> list[Decision]:
+    """Check every release in a pack's header before anything is read or stored.
+    ``followed`` (school): the master's key chain as the pack's own chain advances it."""
     cfg = store.cfg
     out = []
-    relayed = not cfg.is_master and h.sender_key != cfg.master_key
+    if not cfg.is_master and followed is None:
+        followed = trust_mod.follow(store, h)
+    relayed = followed is not None and not followed.from_master
     if relayed and h.acks:
         # Only the master can say what it holds: a relay's acknowledgement would let
         # this school drop data the master may never have received.
@@ -251,26 +258,40 @@ def _assess(store: Store, h: Header, where: str) -> list[Decision]:
             if relayed and master is not None and r.owner != master.id:
                 raise UntrustedPack(f"{where}: {h.sender} serves {r.label()}, which the master {master.id} "
                                     "does not own")
-            # The master's key, whoever signed the pack: a relay can pass a release
-            # on, never make or change one.
-            assert cfg.master_key is not None
-            owner_key = cfg.master_key
+            # The master's current signing key, whoever signed the pack: a relay can
+            # pass a release on, never make or change one.
+            assert followed is not None
+            owner_key = followed.state.signing
             if r.target is not None and r.target != cfg.id:
                 out.append(Decision(sr, "", "other"))
                 continue
             name = r.collection
-        if relayed:
-            try:
-                sr.verify(owner_key)
-            except TrustError:
-                raise UntrustedPack(f"{where}: {r.label()} from {h.sender} is not signed by the master: the pack "
-                                    "is signed by a key this server does not trust") from None
-        else:
+        try:
             sr.verify(owner_key)
+        except TrustError:
+            if followed is not None:
+                trust_mod.check_release(followed.state, sr, where)  # a retired key's: a rollback
+            if not relayed:
+                raise
+            raise UntrustedPack(f"{where}: {r.label()} from {h.sender} is not signed by the master: the pack "
+                                "is signed by a key this server does not trust") from None
         coll = store.db.collection(name)
         if coll is not None and coll.mode == "owned":
             raise TrustError(f"{where}: carries {r.label()}, but {name} is this server's own collection")
         same = store.db.release(name, r.seq)
+        if followed is not None and coll is not None:
+            # What the master's current key signed again (trust rotate): the same
+            # release takes its new signature; another one replaces what a retired
+            # key signed (a leaked key's release, even at a higher number).
+            live = store.db.release(name, coll.seq)
+            if same is not None and same.root == r.root and same.state != "pending" \
+                    and trust_mod.stale(followed.state, same):
+                out.append(Decision(sr, name, "resign"))
+                continue
+            if live is not None and (r.seq, r.root) != (live.seq, live.root) and r.seq <= coll.seq \
+                    and trust_mod.stale(followed.state, live):
+                out.append(Decision(sr, name, "reset"))
+                continue
         if same is not None:
             if same.root != r.root:
                 raise Equivocation(
@@ -357,11 +378,14 @@ def import_pack(store: Store, path: str, how: str = "stick",
         if db.pack_seen(h.pack_id, h.volume, "in"):
             res.duplicate = True
             return res
-        decisions = _assess(store, h, path)
+        # The chain again, as the trust check followed it: releases are checked
+        # against the key it ends at, and its new links are stored by _apply.
+        followed = None if store.cfg.is_master else trust_mod.follow(store, h)
+        decisions = _assess(store, h, path, followed)
         incoming = enrollment.assess(store, h, path, first[0] if first else None)
         # A pack none of whose releases we still need (an old stick) is only
         # read to check its signature, for the acknowledgements it carries.
-        needed = any(d.action == "apply" for d in decisions)
+        needed = any(d.action in ("apply", "reset") for d in decisions)
         batch = store.objects.batch()
         with batch:
             def base(bid: ObjectId) -> bytes | None:
@@ -388,7 +412,7 @@ def import_pack(store: Store, path: str, how: str = "stick",
                 # Before anything is committed: is each release complete, and is
                 # every tree well formed (kinds, depth, path length)?
                 for d in decisions:
-                    if d.action == "apply":
+                    if d.action in ("apply", "reset"):
                         d.missing = _check_release(store, batch, d, path)
                 res.staged = list(batch.pending)
                 batch.commit()
@@ -397,7 +421,7 @@ def import_pack(store: Store, path: str, how: str = "stick",
                 # once: say so, and measure what is free once it is gone.
                 batch.discard()
                 raise durable.disk_error(exc, f"importing {path}", need, store.dir) from exc
-    _apply(store, h, decisions, res, how, incoming)
+    _apply(store, h, decisions, res, how, incoming, followed=followed)
     return res
 
 
@@ -499,7 +523,7 @@ def _walk_again(tree: bytes, path: str, depth: int, stack: list[tuple[ObjectId, 
 
 
 def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult, how: str,
-           incoming: enrollment.Incoming | None = None) -> None:
+           incoming: enrollment.Incoming | None = None, *, followed: trust_mod.Followed | None = None) -> None:
     db = store.db
     cfg = store.cfg
     now = int(time.time())
@@ -511,7 +535,7 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
         live: dict[str, list[Decision]] = {}
         for d in sorted(decisions, key=lambda d: (d.name, d.signed.release.seq)):
             r = d.signed.release
-            if d.action == "skip":
+            if d.action in ("skip", "resign"):
                 res.skipped.append(r.label())
             elif d.action == "old":
                 coll = db.collection(d.name)
@@ -520,7 +544,7 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
                            f"{coll.seq} already held (an old stick?)")
                     res.warnings.append(msg)
                     log.warning("%s", msg)
-            elif d.action == "apply":
+            elif d.action in ("apply", "reset"):
                 if d.missing:
                     res.pending.append(f"{r.label()}: {d.missing} objects still to come")
                 else:
@@ -531,11 +555,16 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
                 archive_union[name] = union_tree(store, batch, roots)
         batch.commit()
     with db.tx():
+        # The links of the master's key chain this pack brought, first: everything
+        # below that asks store.master_key() gets the key they end at.
+        trust_mod.commit(store, followed)
         if incoming is not None:
             # A first contact enrolled, a newer revocation list kept: with the import, or not at all.
             enrollment.after_import(store, h, incoming, now)
         for d in decisions:
-            if d.action != "apply":
+            if d.action == "resign":
+                db.set_release_sig(d.name, d.signed.release.seq, d.signed.signature)
+            if d.action not in ("apply", "reset"):
                 continue
             r = d.signed.release
             if d.name in live and d in live[d.name]:
@@ -567,9 +596,12 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
             db.set_release_state(name, top.seq, "live")
             if coll.mode == "replica":
                 # A replica keeps only what it serves: older rows go (their
-                # objects are collected by gc), pending ones below too.
+                # objects are collected by gc), pending ones below too; after a
+                # reset (the master's release in place of a retired key's) the
+                # higher ones too.
+                reset = any(d.action == "reset" for d in ds)
                 for old in db.releases(name):
-                    if old.seq < top.seq:
+                    if old.seq < top.seq or (reset and old.seq > top.seq):
                         db.delete_release(name, old.seq)
             deployed = archive_union.get(name, top.root)
             db.update_collection(name, seq=top.seq, root=top.root, deployed=deployed)
@@ -585,7 +617,7 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
                 res.master_time = h.created
         if cfg.is_master:
             db.peer_seen(h.sender, now, how, pack_msg(h.have) if h.have else None)
-        elif h.sender_key == cfg.master_key:
+        elif followed is not None and followed.from_master:
             if db.peer(h.sender) is None:
                 db.put_peer(h.sender, h.sender_key, "master", now)
             db.peer_seen(h.sender, now, how, None)
@@ -593,8 +625,8 @@ def _apply(store: Store, h: Header, decisions: list[Decision], res: ImportResult
             # Through a relay the master is not heard from, but its releases name
             # it (and its key signed them): the school's requests are addressed to it.
             owner = next(iter(live.values()))[0].signed.release.owner
-            if db.peer(owner) is None and cfg.master_key is not None:
-                db.put_peer(owner, cfg.master_key, "master", now)
+            if db.peer(owner) is None:
+                db.put_peer(owner, store.master_key(), "master", now)
         db.record_pack(h.pack_id, h.volume, "in", h.sender, now, res.objects, res.bytes)
         # What arrived for a release that is not complete yet is kept (gc spares it)
         # and listed in our next request, so nothing is sent twice.
@@ -623,7 +655,7 @@ def _take_acks(store: Store, h: Header, res: ImportResult) -> None:
     """A school records which of its own releases the master now holds durably."""
     if store.cfg.is_master:
         return
-    if h.acks and h.sender_key != store.cfg.master_key:
+    if h.acks and h.sender_key != store.master_key():
         # _assess refused such a pack already; this stays the one place acks are taken.
         raise UntrustedPack(f"{res.path}: acknowledgements from {h.sender}, not from the master")
     db = store.db
@@ -695,7 +727,8 @@ def have_state(store: Store) -> dict[str, Any]:
     if len(partial) > MAX_PARTIAL:
         # Past this the header would grow too big: say less, receive more.
         partial = set(sorted(partial)[:MAX_PARTIAL])
-    return {"held": held, "pending": pending, "partial": b"".join(sorted(partial))}
+    return {"held": held, "pending": pending, "partial": b"".join(sorted(partial)),
+            trust_mod.HAVE_KEY: trust_mod.signed_version(store)}
 
 
 def stored_have(have: bytes | None) -> tuple[dict[str, tuple[int, ObjectId]], set[ObjectId]]:
@@ -767,8 +800,7 @@ def for_master(store: Store) -> Outgoing:
                 releases.append(row)
                 roots.append((row.root, c.acked_root))
     master = next(iter(db.peers("master")), None)
-    assert store.cfg.master_key is not None
-    return Outgoing(recipient=master.id if master else None, recipient_key=store.cfg.master_key,
+    return Outgoing(recipient=master.id if master else None, recipient_key=store.master_key(),
                     releases=releases, roots=roots, known=_known_from(store, base_roots), held=set(),
                     acks=[], have=have_state(store))
 
@@ -813,6 +845,12 @@ def for_school(store: Store, school: str, leave_out: frozenset[str] = frozenset(
     colls = [c for c in db.collections()
              if c.mode == "owned" and c.target in (None, school) and c.name not in leave_out]
     releases, roots, known = lacking(store, colls, held)
+    # Releases it holds signed by a key the chain has retired, as signed now (services/trust.py).
+    again, again_roots = trust_mod.resend(
+        store, [c for c in db.collections() if c.mode == "owned" and c.target in (None, school)], held,
+        trust_mod.stored_version(peer.have))
+    releases += again
+    roots += again_roots
     acks = []
     for c in db.collections():
         if c.mode == "archive" and c.owner == school and c.root is not None:
@@ -988,7 +1026,8 @@ def _header(store: Store, out: Outgoing, pack_id: bytes, created: int, volume: i
                   recipient=out.recipient, recipient_key=out.recipient_key, created=created,
                   volume=volume, have=out.have, releases=[(r.body, r.sig) for r in out.releases],
                   acks=out.acks, plan={"objects": objects, "bytes": total},
-                  extra=enrollment.header_extra(store, out.recipient_key))
+                  extra={**enrollment.header_extra(store, out.recipient_key),
+                         **trust_mod.header_extra(store, out.recipient_key)})
 
 
 def _bare(first: Header) -> int:

@@ -55,6 +55,7 @@ from harmonicd.errors import (
     UntrustedPack,
 )
 from harmonicd.services import enrollment
+from harmonicd.services import trust as trust_mod
 from harmonicd.services.exchange import (
     _PACK_NAME,
     SUFFIX,
@@ -113,13 +114,15 @@ def check_request(store: Store, path: str) -> Header:
     """Read a downstream's request pack whole: its own signature and header.
     Raises PackError/UntrustedPack (the HTTP shell answers 403)."""
     cfg = store.cfg
+    # A downstream addresses the master by the signing key it knows: any of the chain's.
+    master_keys = set(store.trust_chain().signing_keys())
 
     def trust(h: Header) -> bytes:
         try:
             check_server_id(h.sender, exc=CorruptPack)
         except CorruptPack:
             raise UntrustedPack(f"request claims an invalid sender id {h.sender[:40]!r}") from None
-        if h.recipient_key != cfg.master_key:
+        if h.recipient_key not in master_keys:
             raise Misaddressed(f"request is addressed to {h.recipient or 'another master'}, not to the master "
                                f"{cfg.id} relays for")
         if h.sender == cfg.id or h.sender_key == store.key.public:
@@ -221,6 +224,11 @@ def for_downstream(store: Store, h: Header) -> Outgoing:
     held, partial = _parse_have(h.have if isinstance(h.have, dict) else {})
     colls = [c for c in store.db.collections() if c.mode == "replica" and c.target is None]
     releases, roots, known = lacking(store, colls, held)
+    # A relay that has followed a rotation (its replica signed again by the master's
+    # new key) passes the releases a downstream holds with an older signature on too.
+    again, again_roots = trust_mod.resend(store, colls, held, trust_mod.have_version(h.have))
+    releases += again
+    roots += again_roots
     return Outgoing(recipient=h.sender, recipient_key=h.sender_key, releases=releases, roots=roots,
                     known=known, held=partial, acks=[], have={})
 

@@ -63,6 +63,9 @@ class Store:
         self.db = StateDB(db_path)
         self.objects = ObjectStore(os.path.join(self.dir, "objects"), self.db.conn, db_path)
         self._key: keys.SigningKey | None = None
+        # The last chain followed, with the rows and anchor it was followed from: most
+        # callers ask again with nothing changed (several times per pack).
+        self._chain: tuple[tuple[object, ...], trust.ChainState] | None = None
         if not create:
             check_generation(self.db)
         if lock and not create:
@@ -141,12 +144,16 @@ class Store:
             known = self.db.peers("master")
             master = known[0].id if known else None
         rows = self.db.chain_links()
+        held = (anchor, master, rows)
+        if self._chain is not None and self._chain[0] == held:
+            return self._chain[1]
         try:
             links = [trust.decode_link([body, prev, own]) for _v, body, prev, own in rows]
             state, _new = trust.advance(trust.genesis(anchor, master), links)
         except TrustError as exc:
             raise StateError(f"{self.db.path}: the stored key chain does not follow from the master key "
                              f"{keys.format_key(anchor)} ({exc}); was upstream.master_key changed?") from None
+        self._chain = (held, state)
         return state
 
     def master_key(self) -> bytes:
