@@ -105,11 +105,7 @@ def make_bundle(store: Store, out: str, *, school: str | None = None, prefix: st
             raise UsageError(f"--count must be from 1 to {bundle_mod.MAX_REGION}")
     if not 0 < expires_days <= MAX_EXPIRES_DAYS:
         raise UsageError(f"--expires-days must be more than 0 and at most {MAX_EXPIRES_DAYS}")
-    urls = list(upstream) if upstream is not None else ([cfg.public_url] if cfg.public_url else [])
-    if upstream is None and not urls:
-        raise UsageError(f"bundle: no upstream address for the school: give --upstream URL, or set [server] "
-                         f"public_url in {cfg.path} (the address schools reach this master at); "
-                         "--sticks-only for a school that syncs by stick only")
+    urls = list(upstream) if upstream is not None else default_upstream(cfg)
     for u in urls:
         if u != config_mod.AUTO_UPSTREAM and not re.match(r"https?://[^/\s]+\S*\Z", u):
             raise UsageError(f"--upstream {u!r} is not an http:// or https:// URL (or \"auto\")")
@@ -153,6 +149,22 @@ def make_bundle(store: Store, out: str, *, school: str | None = None, prefix: st
         durable.atomic_write(out, data, 0o600)
     log.info("bundle for %s written to %s (expires %s)", b.what(), out, iso(b.expires))
     return Made(b, out)
+
+
+def default_upstream(cfg: Config) -> list[str]:
+    """Where a school reaches this master, without --upstream: [server] public_url; else
+    server.listen when it names one address (not 0.0.0.0 or ::); a master that does not
+    listen is reached by stick only. A listener on every address is ambiguous: refused."""
+    if cfg.public_url:
+        return [cfg.public_url]
+    if not cfg.listen:
+        return []
+    host, _, port = cfg.listen.rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        raise UsageError(f"bundle: no upstream address for the school: this master listens on every address "
+                         f"({cfg.listen}); give --upstream URL, or set [server] public_url in {cfg.path} (the "
+                         "address schools reach this master at); --sticks-only for a school that syncs by stick")
+    return [f"{'https' if cfg.tls_cert else 'http'}://{host}:{port}"]
 
 
 def iso(t: int) -> str:

@@ -258,8 +258,7 @@ def test_unknown_and_withdrawn_tokens_are_refused(lab: Lab) -> None:
 def test_bundle_usage_errors(lab: Lab) -> None:
     m = lab.master
     out = lab.tmp / "x.hbundle"
-    for args, says in ((("school-1", "--out", str(out)), "no upstream address"),
-                       (("master", "--out", str(out), "--sticks-only"), "reserved"),
+    for args, says in ((("master", "--out", str(out), "--sticks-only"), "reserved"),
                        (("school-1", "--out", str(out), "--sticks-only", "--collections", "nope"), "not a collection"),
                        (("--region", "north-", "--out", str(out), "--sticks-only"), "--count"),
                        (("school-1", "--out", str(out), "--upstream", "ftp://x"), "not an http")):
@@ -270,6 +269,17 @@ def test_bundle_usage_errors(lab: Lab) -> None:
     lab.bundle("school-1", name="x.hbundle")
     p = m.ctl("bundle", "school-2", "--out", str(out), "--sticks-only", check=False)
     one_line(p.stderr, "exists already")
+    # No --upstream: a master that does not listen is reached by stick; one that listens
+    # on one address there; one on every address has no address to give (and says so).
+    assert "by stick only" in m.ctl("bundle", "school-3", "--out", str(lab.tmp / "3.hbundle")).stdout
+    text = m.config.read_text()
+    m.config.write_text(text.replace('listen = ""', 'listen = "127.0.0.1:8765"'))
+    assert "(http://127.0.0.1:8765;" in m.ctl("bundle", "school-4", "--out", str(lab.tmp / "4.hbundle")).stdout
+    m.config.write_text(text.replace('listen = ""', 'listen = "0.0.0.0:8765"'))
+    p = m.ctl("bundle", "school-5", "--out", str(lab.tmp / "5.hbundle"), check=False)
+    assert p.returncode == 2
+    one_line(p.stderr, "listens on every address", "--upstream", "public_url")
+    assert not (lab.tmp / "5.hbundle").exists()
 
 
 # --------------------------------------------------------------------------- revocation, by stick
