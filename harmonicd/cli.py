@@ -694,6 +694,10 @@ def _render_status(st: dict[str, Any]) -> str:
         lines.append(f"{'school':<20} {'last seen':<16} {'how':<7} {'waiting':>10}  holds")
         for s in st["schools"]:
             holds = ", ".join(f"{k.split('/', 1)[-1]}={v}" for k, v in s["holds"].items()) or "-"
+            lz = s.get("leases")
+            if lz:  # the laptops' leases last issued for it, and whether it holds them yet
+                holds += (f"; {lz['laptops']} leases until {_date(lz['until'])}"
+                          + ("" if lz["held"] else " (not held yet)"))
             lines.append(f"{s['id']:<20} {_age(s['last_seen']):<16} {s['how'] or '-':<7} "
                          f"{durable.mib(s['waiting_bytes']):>10}  {holds}")
     lines.append("")

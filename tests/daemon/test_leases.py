@@ -13,6 +13,7 @@ function that gives leases the system time (services/leases.py, test only).
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 
 from harmonicd.core import keys
 from harmonicd.core.lease import DAY
@@ -119,6 +121,7 @@ def test_laptop_gets_its_lease_online(tmp_path: Path, start_daemon: Callable[...
     row = next(r for r in json.loads(m.ctl("status", "--json").stdout)["schools"] if r["id"] == "school-1")
     assert row["leases"]["laptops"] == 2
     assert row["leases"]["held"] is True
+    assert re.search(r"school-1 .*; 2 leases until \S+ \S+ UTC$", m.ctl("status").stdout, re.M)
 
 
 def test_expired_lease_not_served_until_renewed(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
@@ -284,3 +287,69 @@ def test_lease_commands_refuse_bad_input(tmp_path: Path) -> None:
         assert why in p.stderr, (args, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert trusted_state(m) == before
+
+
+def laptop_chain() -> Callable[..., tuple[int, bytes]]:
+    """signing_key_now as docs/leases.md §6 gives it, run as written."""
+    text = (ROOT / "docs" / "leases.md").read_text()
+    section = text.split("## 6. Key rotation", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None, "docs/leases.md §6 has no python block"
+    ns: dict[str, Any] = {}
+    exec(compile(code.group(1), "docs/leases.md", "exec"), ns)
+    fn: Callable[..., tuple[int, bytes]] = ns["signing_key_now"]
+    return fn
+
+
+def test_leases_after_a_key_rotation(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    """After `trust rotate` the school serves no lease the retired key signed;
+    `lease renew` signs them with the new key; a laptop that holds only the anchor
+    follows the chain its school serves (GET /v1/trust) and checks the lease."""
+    m, s, anchor, port = setup(tmp_path)
+    m.ctl("lease", "issue", "school-1", "--serials", str(tmp_path / "serials.txt"))
+    start_daemon(m)
+    d = start_daemon(s)
+    sync(s)
+    assert get_lease(port, "SHC0001")[0] == 200
+    m.ctl("trust", "new-key", "--out", str(tmp_path / "root.key"))
+    m.ctl("trust", "rotate", "--new-root-key", str(tmp_path / "root.key"))
+    sync(s)  # the school follows the chain: the leases it holds were signed by the retired key
+    reason, error = refused_reason(port, "SHC0001")
+    assert reason == "signature", error
+    assert "key rotation" in error
+    assert d.status()["leases"]["refused"] == 2
+    m.ctl("lease", "renew")
+    sync(s)
+    code, data = get_lease(port, "SHC0001")
+    assert code == 200, data
+    lease = json.loads(json.loads(data)["lease"])
+    assert lease["key_version"] == 1
+    check = laptop_check()
+    with pytest.raises(ValueError, match="not signed by the master"):
+        check(data, anchor, "SHC0001", int(time.time()))  # the anchor no longer signs
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/trust", timeout=10) as r:
+        chain = json.loads(r.read())
+    version, key = laptop_chain()(chain, anchor)
+    assert version == lease["key_version"]
+    assert json.loads(data)["signed_by"] == keys.format_key(key)
+    check(data, key, "SHC0001", int(time.time()))
+    # A chain whose link is altered does not lead to a key.
+    bad = json.loads(json.dumps(chain))
+    body = bytearray(base64.b64decode(bad["chain"][0][0]))
+    body[-1] ^= 1  # the record's time: still a record, no longer the one signed
+    bad["chain"][0][0] = base64.b64encode(bytes(body)).decode()
+    with pytest.raises(InvalidSignature):
+        laptop_chain()(bad, anchor)
+
+
+@pytest.mark.parametrize(("section", "why"), [
+    ("[leases]\nwarn_days = -1\n", "leases.warn_days: must be a whole number of days"),
+    ("[leases]\nclock_tolerance_seconds = 5\n", "leases.clock_tolerance_seconds: must be between 60"),
+    ("[leases]\nwarn = 7\n", "leases.warn: unknown key"),
+])
+def test_lease_settings_checked(tmp_path: Path, section: str, why: str) -> None:
+    _m, s, _key, _port = setup(tmp_path, online=False)
+    s.config.write_text(s.config.read_text() + "\n" + section)
+    p = s.ctl("status", check=False)
+    assert p.returncode == 1
+    assert why in p.stderr
