@@ -8,15 +8,21 @@ STAMP  := $(VENV)/.installed
 TEST_DEBS  := e2fsprogs util-linux mount systemd iproute2 nginx exfat-fuse exfatprogs
 # The tools the benchmarks compare against.
 BENCH_DEBS := rsync zstd
+# Building the Debian package (debian/, scripts/build-deb.sh), and installing it
+# into a fresh debootstrap'ed Debian in the package tests (tests/package/).
+DEB_BUILD_DEBS := debhelper dpkg-dev python3-venv python3-pip
+PACKAGE_TEST_DEBS := $(DEB_BUILD_DEBS) debootstrap
 
-.PHONY: all venv demo test test-long lint bench clean
+.PHONY: all venv demo test test-long lint bench deb clean
 
 all: test
 
-$(STAMP): pyproject.toml
+# -c requirements.lock: the runtime dependencies at exactly the versions the
+# Debian package ships (docs/packaging.md); the test tools are not pinned.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
 	touch $@
 
 venv: $(STAMP)
@@ -31,7 +37,7 @@ test: venv
 	$(BIN)/pytest -q -m "not long"
 
 test-long: venv
-	sh scripts/deb-deps.sh $(TEST_DEBS)
+	sh scripts/deb-deps.sh $(TEST_DEBS) $(PACKAGE_TEST_DEBS)
 	$(BIN)/pytest -q -m long
 
 lint: venv
@@ -45,6 +51,11 @@ bench: venv
 	$(BIN)/python benchmarks/online.py
 	$(BIN)/python benchmarks/schools.py
 	$(BIN)/python benchmarks/stick.py
+
+# build/harmonicd_<version>_<arch>.deb (docs/packaging.md).
+deb:
+	sh scripts/deb-deps.sh $(DEB_BUILD_DEBS)
+	sh scripts/build-deb.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
