@@ -292,14 +292,30 @@ def _init_bundle(args: argparse.Namespace, path: str) -> int:
     for name in NODE_COLLECTIONS:
         given = getattr(args, f"{name}_dir")
         sources[name] = os.path.abspath(given) if given else os.path.join(os.path.abspath(state), "sources", name)
+    try:
+        owner = os.stat(state)
+    except FileNotFoundError:
+        owner = None
     sid, b, key = init_from_bundle(os.path.abspath(path), args.bundle, state, socket=os.path.abspath(sock),
                                    name=args.id, hostname=socket_mod.gethostname(), listen=args.listen,
                                    deploy_dir=os.path.abspath(args.deploy_dir) if args.deploy_dir else None,
                                    sources=sources, media=first, replace_config=first is not None)
+    if os.geteuid() == 0 and owner is not None and owner.st_uid != 0:
+        # root setting up a state folder the daemon's user owns (the package's
+        # /var/lib/harmonicd, a first-boot daemon waiting on it): the daemon must
+        # be able to read its key and write its database without a restart.
+        _hand_over(os.path.abspath(state), owner.st_uid, owner.st_gid)
     print(key)
     how = f"online at {b.upstream[0]} or by stick" if b.upstream else "by stick"
     print(f"{sid}: configured from {args.bundle}; enrolls with the master {b.master} at its first contact ({how})")
     return 0
+
+
+def _hand_over(top: str, uid: int, gid: int) -> None:
+    """Everything init made under top, owned by uid:gid (links themselves, not their targets)."""
+    for folder, dirs, files in os.walk(top):
+        for n in dirs + files:
+            os.chown(os.path.join(folder, n), uid, gid, follow_symlinks=False)
 
 
 def _init(args: argparse.Namespace, path: str) -> int:

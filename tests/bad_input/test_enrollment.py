@@ -8,6 +8,7 @@ configuration and key) unchanged."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,3 +398,17 @@ def test_bundle_after_a_key_rotation_starts_the_school_at_the_current_version(la
     s2, err = lab.init("school-2", cut, check=False)
     one_line(err, str(cut), "signature does not verify against the master's key")
     _nothing_made(s2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing files to another user needs root")
+def test_root_init_hands_the_state_to_the_daemons_user(lab: Lab) -> None:
+    """The package's /var/lib/harmonicd belongs to harmonicd; root's `init --bundle` there
+    must leave nothing the daemon cannot read or replace."""
+    s = Server("school-1", lab.tmp / "school-1.toml", lab.tmp / "school-1")
+    s.state.mkdir()
+    os.chown(s.state, 65534, 65534)
+    s.ctl("init", "--bundle", str(lab.bundle("school-1")), "--state-dir", str(s.state),
+          "--socket", str(lab.tmp / "run" / "control.sock"))
+    owners = {(p, p.lstat().st_uid) for p in s.state.rglob("*")}
+    assert owners
+    assert {uid for _p, uid in owners} == {65534}, sorted(str(p) for p, uid in owners if uid != 65534)

@@ -154,3 +154,23 @@ def test_first_boot_from_a_stick(tmp_path: Path, first_boot: list[FirstBootDaemo
     assert tree_digest(school.deploy / "content") == tree_digest(content)
     with m.store(lock=False) as st:
         assert st.db.peer("school-8") is not None
+
+
+def test_init_by_hand_while_the_daemon_waits(tmp_path: Path, first_boot: list[FirstBootDaemon]) -> None:
+    """The package's install plus one command: the unit's daemon waits unconfigured, the
+    admin types `harmonicctl init --bundle FILE` (state folder and socket from the
+    first-boot configuration), and the daemon goes on as that school."""
+    m, _key = make_master(tmp_path, "master-1")
+    etc = tmp_path / "etc"
+    cfg = first_boot_config(etc)
+    d = FirstBootDaemon(cfg, etc / "control.sock", tmp_path / "daemon.log")
+    first_boot.append(d)
+    d.wait(lambda s: s.get("configured") is False, "the unconfigured status")
+    b = tmp_path / "school-9.hbundle"
+    m.ctl("bundle", "school-9", "--out", str(b), "--sticks-only")
+    Server("school-9", cfg, etc / "state").ctl("init", "--bundle", str(b))
+    st = d.wait(lambda s: s.get("id") == "school-9", "the daemon configured by init --bundle")
+    assert st["enrolling"] is True
+    school = Server("school-9", cfg, etc / "state")
+    assert school.cfg().state_dir == str(etc / "state")
+    assert d.stop() == 0
