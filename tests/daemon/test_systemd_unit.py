@@ -225,7 +225,8 @@ def test_users_groups_and_folders_agree() -> None:
     assert {cfg.socket_group, cfg.admin_group} <= groups
     dirs = {r[1]: r for r in snippet_lines(TMPFILES) if r[0] == "d"}
     writable = [p.removeprefix("-") for v in u["Service"]["ReadWritePaths"] for p in v.split()]
-    assert sorted(writable) == ["/media/harmonicd", "/srv/harmonic"]
+    # /etc/harmonicd: a server installed unconfigured writes its configuration from a bundle.
+    assert sorted(writable) == ["/etc/harmonicd", "/media/harmonicd", "/srv/harmonic"]
     for path in writable:
         assert path in dirs, f"{path} is in ReadWritePaths= but tmpfiles does not create it"
         assert dirs[path][3] == user, f"{path} must belong to {user}"
@@ -259,7 +260,7 @@ def test_snippets_apply_to_an_empty_root(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 0, f"systemd-tmpfiles: exit {p.returncode}\n{p.stdout}{p.stderr}"
     assert not (p.stdout + p.stderr).strip(), f"systemd-tmpfiles warned:\n{p.stdout}{p.stderr}"
-    expect = {"etc/harmonicd": (0, gid, 0o2750), "srv/harmonic": (uid, gid, 0o755),
+    expect = {"etc/harmonicd": (uid, gid, 0o2750), "srv/harmonic": (uid, gid, 0o755),
               "media/harmonicd": (uid, gid, 0o750)}
     for rel, (want_uid, want_gid, want_mode) in expect.items():
         st = (root / rel).stat()
