@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     lr = lease_sub.add_parser("renew", parents=[common],
                               help="master: issue again, from now, the leases of these schools (default: all)")
     lr.add_argument("schools", nargs="*")
-    lr.add_argument("--days", type=int, default=30, help="days each lease is valid from now (default 30)")
+    lr.add_argument("--days", type=int, default=None,
+                    help="days each lease is valid from now (default: as long as the school's last ones)")
     lc = lease_sub.add_parser("check", parents=[common],
                               help="verify a lease file with the master's key against this server's clock")
     lc.add_argument("file")
@@ -465,7 +466,7 @@ def _lease(store: Store, args: argparse.Namespace) -> int:
     from harmonicd.core.lease import MAX_DAYS, iso, parse_serials
     from harmonicd.services import leases
 
-    if not 1 <= args.days <= MAX_DAYS:
+    if args.days is not None and not 1 <= args.days <= MAX_DAYS:
         raise UsageError(f"--days: a lease lasts 1 to {MAX_DAYS} days, not {args.days}")
     if args.lease_command == "issue":
         serials = None
@@ -534,6 +535,14 @@ def _trust_rotate(store: Store, root_key: str | None, new_root_key: str | None) 
     print(f"key chain version {st.version}: signing key {keys.format_key(st.signing)}, root key "
           f"{keys.format_key(st.root)}")
     print(f"signed again: {', '.join(rot.resigned) or 'no release'}; shared packs thrown away: {rot.dropped}")
+    # A school serves only leases the current key signed (docs/leases.md §6): renewed now, not
+    # left to the daemon's half-period renewal while laptops' leases stop being served.
+    from harmonicd.core.lease import iso
+    from harmonicd.services import leases
+
+    for i in leases.renew(store, None) if store.db.lease_schools() else []:
+        print(f"leases for {i.school} signed again by the new key: {i.laptops} laptops, valid until "
+              f"{iso(i.expires)} (leases release {i.seq})")
     return 0
 
 

@@ -115,6 +115,7 @@ class Config:
     tls_key: str = ""  # its PEM private key
     ca_file: str = ""  # PEM CA or self-signed certificate(s) to check an https upstream by; empty: the system's
     lease_warn_days: int = 7  # school: warn in status when its laptops' leases run out within this many days
+    lease_auto_renew: bool = True  # master: the daemon renews leases past half their time
     clock_tolerance: float = 3600.0  # seconds the system clock may be off the master's before status warns
 
     @property
@@ -382,10 +383,13 @@ def validate(data: dict[str, Any], path: str) -> Config:
     if quota <= 0:
         raise err("publish.pending_quota", "must be more than 0 (automatic publishing stops at the quota)")
     stop_grace = seconds(server, "server", "stop_grace_seconds", DEFAULT_STOP_GRACE, 0, 3600)
-    leases = table("leases", {"warn_days", "clock_tolerance_seconds"})
+    leases = table("leases", {"warn_days", "clock_tolerance_seconds", "auto_renew"})
     warn_days = leases.get("warn_days", 7)
     if isinstance(warn_days, bool) or not isinstance(warn_days, int) or not 0 <= warn_days <= 365:
         raise err("leases.warn_days", "must be a whole number of days from 0 to 365")
+    auto_renew = leases.get("auto_renew", True)
+    if not isinstance(auto_renew, bool):
+        raise err("leases.auto_renew", "must be true or false")
     clock_tolerance = seconds(leases, "leases", "clock_tolerance_seconds", 3600.0, 60, 30 * 86400)
     socket = text(server, "server", "socket", DEFAULT_SOCKET)
     if not os.path.isabs(socket):
@@ -406,7 +410,7 @@ def validate(data: dict[str, Any], path: str) -> Config:
         archive_keep_days=keep, media_devices=tuple(devices), deploy_dir=deploy_dir,
         media_mount_base=mount_base, media_watch=tuple(watch), media_adopt_blank=flags["adopt_blank"],
         media_free_margin=margin, media_read_back=flags["read_back"],
-        lease_warn_days=warn_days, clock_tolerance=clock_tolerance,
+        lease_warn_days=warn_days, clock_tolerance=clock_tolerance, lease_auto_renew=auto_renew,
     )
 
 

@@ -251,7 +251,20 @@ class Daemon:
                 out = await self.jobs.submit("prepare", "shared packs", _prepare_work, key="prepare:shared")
                 if out.ok:
                     prepared = latest
+            if self.cfg.lease_auto_renew and await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._leases_due):
+                # A publish of leases@SCHOOL; the next round builds its shared packs.
+                await self.jobs.submit("publish", "leases renewal", _renew_leases_work, key="leases:renew")
             await asyncio.sleep(PREPARE_EVERY)
+
+    def _leases_due(self) -> bool:
+        from harmonicd.services.leases import due
+
+        try:
+            return bool(due(self._reader()))
+        except HarmonicError as exc:
+            log.warning("cannot read the leases: %s", exc)
+            return False
 
     def _latest_for_everyone(self) -> tuple[tuple[str, int], ...]:
         from harmonicd.services.shared import for_everyone
@@ -597,6 +610,15 @@ def _prepare_work(store: Store, progress: Callable[[int], None]) -> Outcome:
     built = prepare(store, progress)
     return Outcome(f"built {len(built)} shared pack(s) ahead: " + "; ".join(built) if built else "",
                    {"built": built})
+
+
+def _renew_leases_work(store: Store, progress: Callable[[int], None]) -> Outcome:
+    from harmonicd.core.lease import iso
+    from harmonicd.services.leases import renew_due
+
+    done = renew_due(store)
+    return Outcome("; ".join(f"renewed {i.laptops} leases for {i.school} until {iso(i.expires)} "
+                             f"(leases release {i.seq})" for i in done), {"renewed": [i.school for i in done]})
 
 
 def _sync_work(store: Store, progress: Callable[[int], None]) -> Outcome:

@@ -182,14 +182,51 @@ def issue(store: Store, school: str, serials: list[str] | None, days: int = DEFA
     return Issued(school, len(signed), t - core.NOT_BEFORE_GRACE, t + days * core.DAY, seq)
 
 
-def renew(store: Store, schools: list[str] | None, days: int = DEFAULT_DAYS) -> list[Issued]:
+def renew(store: Store, schools: list[str] | None, days: int | None = None) -> list[Issued]:
     """Master: issue again the leases of the schools named (None: every school that
-    has any), for the same laptops, from now."""
+    has any), for the same laptops, from now; for ``days`` days, or (None) for
+    as long as each school's last ones were issued for."""
     if schools is None:
-        schools = store.db.lease_schools()
-        if not schools:
+        if not store.db.lease_schools():
             raise UsageError("no school has leases yet: `harmonicctl lease issue SCHOOL --serials FILE` first")
-    return [issue(store, s, None, days) for s in schools]
+        schools = _renewable(store)
+    return [issue(store, s, None, days or _period_days(store, s)) for s in schools]
+
+
+def _period_days(store: Store, school: str) -> int:
+    rows = store.db.leases_issued(school)
+    if not rows:
+        return DEFAULT_DAYS
+    _serial, _nb, expires, issued = rows[0]
+    return max(1, min(core.MAX_DAYS, round((expires - issued) / core.DAY)))
+
+
+def due(store: Store) -> list[str]:
+    """Master: the schools whose leases are past half their time. The daemon
+    renews them (renew_due), so a school that syncs, or whose stick comes by,
+    at least every half period never has a laptop lock: nobody has to remember
+    a renewal."""
+    t = system_time()
+    out = []
+    for school in _renewable(store):
+        rows = store.db.leases_issued(school)
+        if rows and min(r[2] for r in rows) - t < (rows[0][2] - rows[0][3]) / 2:
+            out.append(school)
+    return out
+
+
+def _renewable(store: Store) -> list[str]:
+    """Schools with leases, but not those revoked: a stolen server's leases run out."""
+    out = []
+    for school in store.db.lease_schools():
+        peer = store.db.peer(school)
+        if peer is not None and not peer.revoked:
+            out.append(school)
+    return out
+
+
+def renew_due(store: Store) -> list[Issued]:
+    return renew(store, due(store)) if due(store) else []
 
 
 def _write_folder(folder: str, files: dict[str, bytes]) -> None:

@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from harmonicd.core import keys
 from harmonicd.core.lease import DAY
 from tests.conftest import Server, make_master, make_school, trusted_state
-from tests.daemon.conftest import DaemonProc
+from tests.daemon.conftest import DaemonProc, wait_for
 from tests.daemon.test_online import free_port, no_auto_sync
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +129,8 @@ def test_expired_lease_not_served_until_renewed(tmp_path: Path, start_daemon: Ca
     # Issued by a master whose clock read 40 days ago: 30-day leases that ran out 10 days ago.
     m.ctl("lease", "issue", "school-1", "--serials", str(tmp_path / "serials.txt"), "--days", "30",
           env={CLOCK: str(-40 * DAY)})
+    with m.config.open("a") as f:  # renewed by hand here, not by the master's daemon
+        f.write("\n[leases]\nauto_renew = false\n")
     start_daemon(m)
     d = start_daemon(s)
     sync(s)
@@ -155,6 +157,8 @@ def test_school_clock_behind_is_reported_and_leases_judged_at_the_floor(
     m, s, master_key, port = setup(tmp_path)
     m.ctl("lease", "issue", "school-1", "--serials", str(tmp_path / "serials.txt"), "--days", "30",
           env={CLOCK: str(-40 * DAY)})
+    with m.config.open("a") as f:  # renewed by hand here, not by the master's daemon
+        f.write("\n[leases]\nauto_renew = false\n")
     start_daemon(m)
     d = start_daemon(s, env={CLOCK: str(-20 * DAY)})
     sync(s)
@@ -302,9 +306,10 @@ def laptop_chain() -> Callable[..., tuple[int, bytes]]:
 
 
 def test_leases_after_a_key_rotation(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
-    """After `trust rotate` the school serves no lease the retired key signed;
-    `lease renew` signs them with the new key; a laptop that holds only the anchor
-    follows the chain its school serves (GET /v1/trust) and checks the lease."""
+    """`trust rotate` signs every school's leases again with the new key (a school
+    serves no lease a retired key signed), the next sync carries them; a laptop
+    that holds only the anchor follows the chain its school serves (GET
+    /v1/trust) and checks the lease."""
     m, s, anchor, port = setup(tmp_path)
     m.ctl("lease", "issue", "school-1", "--serials", str(tmp_path / "serials.txt"))
     start_daemon(m)
@@ -312,14 +317,11 @@ def test_leases_after_a_key_rotation(tmp_path: Path, start_daemon: Callable[...,
     sync(s)
     assert get_lease(port, "SHC0001")[0] == 200
     m.ctl("trust", "new-key", "--out", str(tmp_path / "root.key"))
-    m.ctl("trust", "rotate", "--new-root-key", str(tmp_path / "root.key"))
-    sync(s)  # the school follows the chain: the leases it holds were signed by the retired key
-    reason, error = refused_reason(port, "SHC0001")
-    assert reason == "signature", error
-    assert "key rotation" in error
-    assert d.status()["leases"]["refused"] == 2
-    m.ctl("lease", "renew")
-    sync(s)
+    out = m.ctl("trust", "rotate", "--new-root-key", str(tmp_path / "root.key")).stdout
+    assert re.search(r"leases for school-1 signed again by the new key: 2 laptops, valid until \S+ "
+                     r"\(leases release 2\)", out), out
+    sync(s)  # the school follows the chain and takes the leases signed again
+    assert d.status()["leases"]["refused"] == 0
     code, data = get_lease(port, "SHC0001")
     assert code == 200, data
     lease = json.loads(json.loads(data)["lease"])
@@ -346,6 +348,7 @@ def test_leases_after_a_key_rotation(tmp_path: Path, start_daemon: Callable[...,
     ("[leases]\nwarn_days = -1\n", "leases.warn_days: must be a whole number of days"),
     ("[leases]\nclock_tolerance_seconds = 5\n", "leases.clock_tolerance_seconds: must be between 60"),
     ("[leases]\nwarn = 7\n", "leases.warn: unknown key"),
+    ("[leases]\nauto_renew = 1\n", "leases.auto_renew: must be true or false"),
 ])
 def test_lease_settings_checked(tmp_path: Path, section: str, why: str) -> None:
     _m, s, _key, _port = setup(tmp_path, online=False)
@@ -353,3 +356,29 @@ def test_lease_settings_checked(tmp_path: Path, section: str, why: str) -> None:
     p = s.ctl("status", check=False)
     assert p.returncode == 1
     assert why in p.stderr
+
+
+def test_the_master_daemon_renews_leases_past_half_their_time(
+        tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
+    """Nobody has to remember a renewal: 30-day leases issued 16 days ago (by the
+    master's clock) are renewed by the master's daemon, for the same laptops and
+    the same 30 days, and reach the school at its next sync; a revoked school's
+    leases are left to run out."""
+    m, s, master_key, port = setup(tmp_path)
+    make_school(tmp_path, m, keys.format_key(master_key), "school-2")
+    for school in ("school-1", "school-2"):
+        m.ctl("lease", "issue", school, "--serials", str(tmp_path / "serials.txt"), "--days", "30",
+              env={CLOCK: str(-16 * DAY)})
+    m.ctl("revoke", "school-2")
+    dm = start_daemon(m)
+    wait_for(lambda: "renewed 2 leases for school-1" in dm.output(), timeout=30, what="the renewal job")
+    assert "for school-2" not in dm.output()
+    start_daemon(s)
+    assert "leases release 2" in sync(s)
+    code, data = get_lease(port, "SHC0001")
+    assert code == 200, data
+    lease = laptop_check()(data, master_key, "SHC0001", int(time.time()))
+    assert 29 * DAY < lease["expires"] - time.time() <= 30 * DAY
+    # Renewed once: the next rounds find nothing due.
+    time.sleep(0.5)
+    assert dm.output().count("renewed 2 leases for school-1") == 1
