@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--master-key")
     init.add_argument("--upstream", default="")
     init.add_argument("--listen", default="")
+    init.add_argument("--public-url", default="",
+                      help="master: the address schools reach it at, named in its bundles ([server] public_url)")
     init.add_argument("--socket", default=config_mod.DEFAULT_SOCKET)
     init.add_argument("--deploy-dir", help="where replicas are deployed (default STATE_DIR/deploy)")
     init.add_argument("--stats-dir", help="school: source folder of stats (default STATE_DIR/sources/stats)")
@@ -293,30 +295,36 @@ def _init_bundle(args: argparse.Namespace, path: str) -> int:
     for name in NODE_COLLECTIONS:
         given = getattr(args, f"{name}_dir")
         sources[name] = os.path.abspath(given) if given else os.path.join(os.path.abspath(state), "sources", name)
-    try:
-        owner = os.stat(state)
-    except FileNotFoundError:
-        owner = None
+    owner = _owner(state)
     sid, b, key = init_from_bundle(os.path.abspath(path), args.bundle, state, socket=os.path.abspath(sock),
                                    name=args.id, hostname=socket_mod.gethostname(), listen=args.listen,
                                    deploy_dir=os.path.abspath(args.deploy_dir) if args.deploy_dir else None,
                                    sources=sources, media=first, replace_config=first is not None)
-    if os.geteuid() == 0 and owner is not None and owner.st_uid != 0:
-        # root setting up a state folder the daemon's user owns (the package's
-        # /var/lib/harmonicd, a first-boot daemon waiting on it): the daemon must
-        # be able to read its key and write its database without a restart.
-        _hand_over(os.path.abspath(state), owner.st_uid, owner.st_gid)
+    _hand_over(os.path.abspath(state), owner)
     print(key)
     how = f"online at {b.upstream[0]} or by stick" if b.upstream else "by stick"
     print(f"{sid}: configured from {args.bundle}; enrolls with the master {b.master} at its first contact ({how})")
     return 0
 
 
-def _hand_over(top: str, uid: int, gid: int) -> None:
-    """Everything init made under top, owned by uid:gid (links themselves, not their targets)."""
+def _owner(state: str) -> os.stat_result | None:
+    try:
+        return os.stat(state)
+    except FileNotFoundError:
+        return None
+
+
+def _hand_over(top: str, owner: os.stat_result | None) -> None:
+    """root setting up a state folder the daemon's user owns (the package's
+    /var/lib/harmonicd, made by the unit's StateDirectory= while a first-boot
+    daemon waits on it): everything init made under it goes to that user (links
+    themselves, not their targets), so the daemon reads its key and writes its
+    database without a restart."""
+    if os.geteuid() != 0 or owner is None or owner.st_uid == 0:
+        return
     for folder, dirs, files in os.walk(top):
         for n in dirs + files:
-            os.chown(os.path.join(folder, n), uid, gid, follow_symlinks=False)
+            os.chown(os.path.join(folder, n), owner.st_uid, owner.st_gid, follow_symlinks=False)
 
 
 def _init(args: argparse.Namespace, path: str) -> int:
@@ -348,15 +356,19 @@ def _init(args: argparse.Namespace, path: str) -> int:
             volume = config_mod.parse_size(args.volume_size)
         except ValueError as exc:
             raise UsageError(f"--volume-size: {exc}") from None
+    if args.public_url and args.role != "master":
+        raise UsageError("--public-url is for `init master` (the address its bundles give schools)")
     cfg = Config(path=os.path.abspath(path), id=args.id, role=args.role, state_dir=state,
                  socket=os.path.abspath(args.socket), listen=args.listen, upstream_url=args.upstream,
-                 master_key=master_key, sources=sources, volume_size=volume,
+                 master_key=master_key, sources=sources, volume_size=volume, public_url=args.public_url,
                  deploy_dir=os.path.abspath(args.deploy_dir) if args.deploy_dir else os.path.join(state, "deploy"))
     # Validate what we are about to write exactly as it will be read back.
     config_mod.validate(_as_toml_dict(cfg), cfg.path)
     from harmonicd.services.setup import init
 
+    owner = _owner(state)
     key = init(cfg)
+    _hand_over(state, owner)
     print(key)
     return 0
 

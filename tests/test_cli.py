@@ -117,3 +117,23 @@ def test_unprepared_stick_is_not_written_without_consent(tmp_path: Path) -> None
     assert "wrote 1 pack file(s) for master" in p.stdout
     assert (stick / "HARMONIC" / "README.txt").exists()
     assert (stick / "photos" / "cat.jpg").read_bytes() == b"\xff\xd8"
+
+
+def test_init_master_public_url(tmp_path: Path) -> None:
+    """`init master --public-url` is what its bundles give schools by default."""
+    m = Server("m", tmp_path / "m.toml", tmp_path / "m")
+    m.ctl("init", "master", "--id", "master-1", "--state-dir", str(m.state), "--listen", "0.0.0.0:8750",
+          "--public-url", "https://harmonic.example.org", "--socket", str(tmp_path / "m.sock"))
+    assert m.cfg().public_url == "https://harmonic.example.org"
+    out = m.ctl("bundle", "school-1", "--out", str(tmp_path / "s1.hbundle")).stdout
+    assert "https://harmonic.example.org" in out
+    for args, code, says in ((("node", "--id", "s", "--master-key", m.ctl("key").stdout.strip(),
+                               "--public-url", "https://x.org"), 2, "--public-url is for `init master`"),
+                             (("master", "--id", "m2", "--public-url", "ftp://x"), 1,
+                              "is not an http:// or https://")):
+        p = Server("x", tmp_path / "x.toml", tmp_path / "x").ctl(
+            "init", *args, "--state-dir", str(tmp_path / "x"), check=False)
+        assert p.returncode == code, p.stderr
+        assert says in p.stderr
+        assert p.stderr.count("\n") == 1, p.stderr
+        assert not (tmp_path / "x.toml").exists()
