@@ -142,19 +142,21 @@ class DebianRoot:
 
 
 def tree_state(top: Path) -> dict[str, str]:
-    """Every entry under ``top``: kind, mode, owner and, for files, a SHA-256 of the content."""
+    """``top`` and every entry under it: kind, mode, owner and, for files, a SHA-256 of the content."""
     out: dict[str, str] = {}
+
+    def note(full: str) -> None:
+        st = os.lstat(full)
+        meta = f"{oct(st.st_mode)} {st.st_uid}:{st.st_gid}"
+        if os.path.islink(full):
+            meta += " -> " + os.readlink(full)
+        elif os.path.isfile(full):
+            with open(full, "rb") as f:
+                meta += " " + hashlib.sha256(f.read()).hexdigest()
+        out[os.path.relpath(full, top)] = meta
+
+    note(str(top))
     for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
-            rel = os.path.relpath(full, top)
-            meta = f"{oct(st.st_mode)} {st.st_uid}:{st.st_gid}"
-            if os.path.isfile(full) and not os.path.islink(full):
-                with open(full, "rb") as f:
-                    meta += " " + hashlib.sha256(f.read()).hexdigest()
-            elif os.path.islink(full):
-                meta += " -> " + os.readlink(full)
-            out[rel] = meta
+        for name in dirnames + filenames:
+            note(os.path.join(dirpath, name))
     return out

@@ -115,18 +115,21 @@ def test_environment_holds_the_pinned_versions_and_no_build_paths(unpacked: Path
 def test_maintainer_scripts(unpacked: Path) -> None:
     control = unpacked / "DEBIAN"
     postinst = (control / "postinst").read_text()
-    # Users before folders that belong to them, then the unit enabled, never started unconfigured.
-    order = [postinst.index(s) for s in ("systemd-sysusers", "systemd-tmpfiles",
-                                         "deb-systemd-helper enable 'harmonicd.service'")]
-    assert order == sorted(order), "postinst must run sysusers, then tmpfiles, then enable"
+    # Users before the folders that belong to them, then the unit enabled and started: with no
+    # configuration the daemon waits for a bootstrap bundle (harmonicd/firstboot.py).
+    steps = ("systemd-sysusers", "systemd-tmpfiles", "deb-systemd-helper enable 'harmonicd.service'",
+             "deb-systemd-invoke $_dh_action 'harmonicd.service'")
+    for step in steps:
+        assert step in postinst, f"postinst does not run {step}"
+    order = [postinst.index(s) for s in steps]
+    assert order == sorted(order), "postinst must run sysusers, tmpfiles, enable, start, in that order"
     assert "harmonicd.conf" in postinst.split("systemd-sysusers", 1)[1].splitlines()[0]
-    assert "-f /etc/harmonicd/harmonicd.toml" in postinst
-    assert "deb-systemd-invoke start" not in postinst.split("-f /etc/harmonicd/harmonicd.toml")[0]
-    assert "deb-systemd-invoke try-restart 'harmonicd.service'" in postinst  # an upgrade: a running daemon only
-    # ... and nothing stops it before the upgrade (it would stay stopped).
+    assert "_dh_action=restart" in postinst  # an upgrade restarts the daemon after unpacking
+    # ... and nothing stops it before the upgrade.
     assert not (control / "preinst").exists() or "stop" not in (control / "preinst").read_text()
     prerm = (control / "prerm").read_text()
-    assert "deb-systemd-invoke stop harmonicd.service" in prerm
+    assert "deb-systemd-invoke stop 'harmonicd.service'" in prerm
+    assert "harmonicd-stick@*.service" in prerm
     postrm = (control / "postrm").read_text()
     assert "deb-systemd-helper purge 'harmonicd.service'" in postrm
     # Purge keeps state and users.

@@ -4,21 +4,24 @@ One command from a fresh Debian to an installed server: `apt-get install
 ./harmonicd_<version>_<arch>.deb`, which brings everything it depends on. Then:
 the files are where the units expect them, the users and groups of the sysusers
 snippet exist, the folders of the tmpfiles snippet are made with their owners,
-harmonicd.service is enabled (not started: no configuration), the commands run,
+harmonicd.service is enabled (in a chroot nothing starts), the commands run,
 every compiled module of the private environment imports (a stripped or
-mislinked .so would fail here), `systemd-analyze verify` finds nothing.
+mislinked .so would fail here), `systemd-analyze verify` finds nothing. Then the
+bootstrap step with the installed commands: one `harmonicctl init --bundle FILE`
+makes it a school server, enrolled and synced at its first stick exchange.
 Measured: the installed size (dpkg's Installed-Size, and du of the files).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from tests.package.conftest import current_version
+from tests.package.conftest import REPO, current_version
 from tests.package.debroot import DebianRoot
 
 pytestmark = pytest.mark.long
@@ -30,6 +33,14 @@ def unit_value(text: str, key: str) -> str:
     values = [line.split("=", 1)[1].strip() for line in text.splitlines() if line.startswith(f"{key}=")]
     assert len(values) == 1, f"{key}= given {len(values)} times"
     return values[0]
+
+
+def tmpfiles_folders() -> list[tuple[str, str, str, str]]:
+    """The `d` lines of systemd/harmonicd.tmpfiles.conf: path, mode, user, group."""
+    rows = [line.split() for line in (REPO / "systemd" / "harmonicd.tmpfiles.conf").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert rows, "no folders in harmonicd.tmpfiles.conf"
+    return [(r[1], r[2], r[3], r[4]) for r in rows if r[0] == "d"]
 
 
 def installed_bytes(root: DebianRoot) -> int:
@@ -69,12 +80,13 @@ def test_one_command_installs_a_working_server(deb: Path, debroot: DebianRoot,
     uid, gid = int(passwd[2]), int(passwd[3])
     assert int(group["harmonicd"].split(":")[2]) == gid
 
-    # Folders of the tmpfiles snippet, with their owners and modes.
-    for path, mode, owner in (("/etc/harmonicd", 0o2750, (0, gid)), ("/srv/harmonic", 0o755, (uid, gid)),
-                              ("/media/harmonicd", 0o750, (uid, gid))):
+    # Folders of the tmpfiles snippet, with the modes and owners it gives them.
+    ids = {"root": 0, "harmonicd": uid}
+    gids = {"root": 0, "harmonicd": gid}
+    for path, mode, user, grp in tmpfiles_folders():
         st = os.stat(debroot.host(path))
-        got = (stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
-        assert got == (mode, owner), f"{path}: {oct(got[0])} {st.st_uid}:{st.st_gid}"
+        got = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        assert got == (int(mode, 8), ids[user], gids[grp]), f"{path}: {oct(got[0])} {got[1]}:{got[2]}"
     # No configuration (that is the bootstrap step's) and no state (the unit makes it at its first start).
     assert not os.listdir(debroot.host("/etc/harmonicd"))
     assert not debroot.host("/var/lib/harmonicd").exists()
@@ -108,9 +120,31 @@ print(len(names))
 EOF""")
     assert int(imports.stdout.strip()) > 50
 
+    # The bootstrap step, with the installed commands: a master (set up beside it in the same
+    # root, not counted) makes a bundle, and one command makes this a school server.
+    master = "harmonicctl --config /root/master/harmonicd.toml"
+    debroot.run(f"{master} init master --id master-1 --state-dir /root/master/state "
+                "--socket /root/master/control.sock")
+    debroot.run(f"mkdir -p /root/content && echo 'lesson 1' > /root/content/a.txt && {master} publish content "
+                f"/root/content && {master} bundle school-042 --out /root/school-042.hbundle")
+    bootstrap = ["harmonicctl init --bundle /root/school-042.hbundle"]
+    for command in bootstrap:
+        debroot.run(command)
+    school = json.loads(debroot.run("harmonicctl status --json").stdout)
+    assert (school["id"], school["role"], school["enrolling"]) == ("school-042", "node", True), school
+    # Enrolled and synced by a stick (the daemon's visits, typed here): the school's request with its
+    # proof, the master's answer, the school takes it.
+    debroot.run(f"mkdir /root/stick && harmonicctl exchange /root/stick && {master} exchange /root/stick && "
+                "harmonicctl exchange /root/stick")
+    school = json.loads(debroot.run("harmonicctl status --json").stdout)
+    content = next(c for c in school["collections"] if c["name"] == "content")
+    assert (school["enrolling"], school["master"]["id"], content["seq"]) == (False, "master-1", 1), school
+    assert debroot.host(content["path"]).joinpath("a.txt").read_text() == "lesson 1\n"
+
     used = installed_bytes(debroot)
     with capsys.disabled():
         print(f"\n[package] commands from a fresh Debian to installed: {len(commands)} ({commands[0]})"
+              f"\n[package] then to an enrolled school server: {len(bootstrap)} ({bootstrap[0]})"
               f"\n[package] installed size: Installed-Size {installed_kib} KiB; du of its files "
               f"{used / 2**20:.1f} MiB; .deb {deb.stat().st_size / 2**20:.1f} MiB")
     assert installed_kib * 1024 >= used * 0.8  # dpkg's figure is the files' size, not a guess
