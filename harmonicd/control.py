@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from harmonicd.activity import Activity
 from harmonicd.ctlclient import API, call, events
 from harmonicd.errors import HarmonicError, StartupError
 
@@ -48,12 +49,12 @@ CHANGING = frozenset({"sync", "exchange", "publish", "verify", "gc"})
 
 
 class Backend(Protocol):
-    """What the daemon offers the control API."""
+    """What the daemon (or, unconfigured, its first-boot wait) offers the control API:
+    its status, its changing commands, and its events (activity.Activity)."""
+
+    activity: Activity
 
     async def status(self) -> dict[str, Any]: ...
-    def recent_events(self) -> list[dict[str, Any]]: ...
-    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]: ...
-    def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None: ...
     def command(self, name: str, args: dict[str, Any]) -> asyncio.Future[Any]: ...
 
 
@@ -344,10 +345,10 @@ class ControlServer:
         transport = self._keep_open(request)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
         await resp.prepare(request)
-        q = self.backend.subscribe()
+        q = self.backend.activity.subscribe()
         try:
             if request.query.get("recent") in ("1", "true", "yes"):
-                for old in self.backend.recent_events():
+                for old in list(self.backend.activity.recent):
                     await resp.write(_line(old))
             while True:
                 try:
@@ -361,7 +362,7 @@ class ControlServer:
         except ConnectionResetError:
             pass  # the reader went away
         finally:
-            self.backend.unsubscribe(q)
+            self.backend.activity.unsubscribe(q)
             if transport is not None:
                 self._long_lived.discard(transport)
         return resp

@@ -527,15 +527,6 @@ class Daemon:
         st["media"] = self.sticks.status()
         return st
 
-    def recent_events(self) -> list[dict[str, Any]]:
-        return list(self.activity.recent)
-
-    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
-        return self.activity.subscribe()
-
-    def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
-        self.activity.unsubscribe(q)
-
     def command(self, name: str, args: dict[str, Any]) -> asyncio.Future[Outcome]:
         """A changing command from the control socket, as a queued job."""
 

@@ -172,15 +172,6 @@ class FirstBoot:
             "pid": os.getpid(),
         }
 
-    def recent_events(self) -> list[dict[str, Any]]:
-        return list(self.activity.recent)
-
-    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
-        return self.activity.subscribe()
-
-    def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
-        self.activity.unsubscribe(q)
-
     def command(self, name: str, args: dict[str, Any]) -> asyncio.Future[Any]:
         raise UsageError(f"{name}: this server is not configured yet (it waits for a bundle; see status)")
 

@@ -338,13 +338,14 @@ def run(base: Path, daemons: list[Daemon], sticks: Sticks) -> None:
     with socket.socket() as probe:  # a free loopback port for the master's HTTP listener
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mkey = ctl(m_cfg, "init", "master", "--id", "master", "--state-dir", str(base / "master"),
-               "--socket", sock("master"), "--listen", f"127.0.0.1:{port}").stdout.strip()
+    ctl(m_cfg, "init", "master", "--id", "master", "--state-dir", str(base / "master"),
+        "--socket", sock("master"), "--listen", f"127.0.0.1:{port}")
+    say("each school is set up from a one-time bootstrap bundle the master makes: no key is copied by "
+        "hand; the school enrolls at its first contact (school-1 by stick, school-2 online)")
     for cfg, sid in ((s1_cfg, "school-1"), (s2_cfg, "school-2")):
-        online = ("--upstream", f"http://127.0.0.1:{port}") if sid == "school-2" else ()
-        skey = ctl(cfg, "init", "node", "--id", sid, "--state-dir", str(base / sid), "--master-key", mkey,
-                   "--socket", sock(sid), *online).stdout.strip()
-        ctl(m_cfg, "enroll", sid, skey)
+        bundle = base / f"{sid}.hbundle"
+        ctl(m_cfg, "bundle", sid, "--out", str(bundle), *(("--sticks-only",) if sid == "school-1" else ()))
+        ctl(cfg, "init", "--bundle", str(bundle), "--state-dir", str(base / sid), "--socket", sock(sid))
         set_publish_option(cfg, "quiet_seconds", str(QUIET))
         say(f"{cfg.name}: [publish] quiet_seconds = {QUIET} (watched folders are published after "
             f"{QUIET} s without change)")
