@@ -454,6 +454,12 @@ def init_from_bundle(cfg_path: str, bundle_path: str, state_dir: str, *, socket:
     from harmonicd.services import setup
 
     b = read_bundle(bundle_path)
+    if media is not None and media.master_key is not None and b.anchor != media.master_key:
+        # A disk image that names its deployment's master takes no bundle of another:
+        # a stick with someone else's bundle must not give the server away at first boot.
+        raise BundleError(f"{bundle_path}: made by the master {b.master} with key {keys.format_key(b.anchor)}, "
+                          f"not the master this server was prepared for ([upstream] master_key "
+                          f"{keys.format_key(media.master_key)}): refused")
     state = os.path.abspath(state_dir)
     if os.path.exists(cfg_path) and not replace_config:
         raise ConfigError(f"{cfg_path}: a configuration already exists: this server is set up already "

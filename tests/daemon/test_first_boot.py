@@ -174,3 +174,33 @@ def test_init_by_hand_while_the_daemon_waits(tmp_path: Path, first_boot: list[Fi
     school = Server("school-9", cfg, etc / "state")
     assert school.cfg().state_dir == str(etc / "state")
     assert d.stop() == 0
+
+
+def test_a_first_boot_configuration_that_names_its_master_takes_no_other_bundle(
+        tmp_path: Path, first_boot: list[FirstBootDaemon]) -> None:
+    """A region's image may name its deployment's master ([upstream] master_key, its
+    anchor): a bundle of any other master (a stick from elsewhere, someone hostile)
+    is refused, and the server waits on, unconfigured, for its own."""
+    m, key = make_master(tmp_path, "master-1")
+    other, _ = make_master(tmp_path, "master-x")
+    etc = tmp_path / "etc"
+    cfg = first_boot_config(etc)
+    cfg.write_text(cfg.read_text() + f'\n[upstream]\nmaster_key = "{key}"\n')
+    before = cfg.read_bytes()
+    d = FirstBootDaemon(cfg, etc / "control.sock", tmp_path / "daemon.log")
+    first_boot.append(d)
+    d.wait(lambda s: s.get("configured") is False, "the unconfigured status")
+    foreign = tmp_path / "foreign.hbundle"
+    other.ctl("bundle", "school-9", "--out", str(foreign), "--sticks-only")
+    (etc / "bundle.hbundle").write_bytes(foreign.read_bytes())
+    st = d.wait(lambda s: s.get("last_error"), "the refused bundle in status")
+    assert "not the master this server was prepared for" in st["last_error"], st
+    assert "\n" not in st["last_error"]
+    assert cfg.read_bytes() == before
+    assert not (etc / "state" / "state.db").exists()
+    good = tmp_path / "good.hbundle"
+    m.ctl("bundle", "school-9", "--out", str(good), "--sticks-only")
+    (etc / "bundle.hbundle").write_bytes(good.read_bytes())
+    st = d.wait(lambda s: s.get("id") == "school-9", "the configured daemon")
+    assert Server("school-9", cfg, etc / "state").cfg().master_key is not None
+    assert d.stop() == 0
