@@ -122,3 +122,29 @@ def test_an_older_answer_read_late_does_not_undo_a_confirmation(tmp_path: Path) 
     assert "restored from an older backup?" not in r.stdout + r.stderr
     with s.store(lock=False) as st:
         assert st.db.collection("stats").acked_seq == 2  # type: ignore[union-attr]
+
+
+def test_a_school_enrolled_after_the_backup_is_enrolled_again_by_hand(tmp_path: Path) -> None:
+    """The restored master does not know a school enrolled after its backup: the
+    school's packs are refused as unenrolled, with the state unchanged, until the
+    admin enrolls its key again (docs/operations.md §H)."""
+    m, key = make_master(tmp_path)
+    tarball = _backup(m.state, m.config, tmp_path / "backups")
+    s = make_school(tmp_path, m, key, "school-2")
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    s.ctl("exchange", str(stick))
+    m.ctl("exchange", str(stick))
+    shutil.rmtree(m.state)
+    m.config.unlink()
+    subprocess.run(["tar", "-C", str(tmp_path), "-xf", str(tarball)], check=True)
+    write_tree(s.source("stats"), {"day2.csv": b"2"})
+    s.ctl("exchange", str(stick))
+    r = m.ctl("exchange", str(stick), check=False)
+    assert r.returncode == 1
+    assert "school-2', which is not an enrolled school server" in r.stderr
+    m.ctl("enroll", "school-2", s.ctl("key").stdout.strip())
+    s.ctl("exchange", str(stick))
+    m.ctl("exchange", str(stick))
+    got = m.deploy / "school-2" / "stats"
+    assert sorted(p.name for p in got.iterdir()) == ["day2.csv"]
