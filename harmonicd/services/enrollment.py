@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -408,9 +409,14 @@ def refuse_revoked(store: Store, h: Header, what: str = "request") -> None:
 def read_bundle(path: str, now: int | None = None) -> Bundle:
     """A bundle file, checked whole: size, format, signature, expiry by this machine's clock."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO in its place (a hostile stick) must not hang the
+        # first-boot wait; anything but a regular file is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise BundleError(f"{path}: cannot read the bundle ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{path}: not a regular file, so not a bundle")
     with os.fdopen(fd, "rb") as f:
         data = f.read(bundle_mod.MAX_BUNDLE + 1)
     b, body, sig = bundle_mod.decode(data, path)

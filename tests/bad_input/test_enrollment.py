@@ -158,6 +158,19 @@ def test_bundle_with_a_byte_flipped_is_refused(lab: Lab) -> None:
     _nothing_made(s)
 
 
+@pytest.mark.timeout(30)
+def test_a_fifo_or_a_folder_in_place_of_a_bundle_is_refused_at_once(lab: Lab) -> None:
+    """A hostile stick's FIFO named like a bundle must not hang the reader (nor a first-boot wait)."""
+    fifo = lab.tmp / "fifo.hbundle"
+    os.mkfifo(fifo)
+    folder = lab.tmp / "folder.hbundle"
+    folder.mkdir()
+    for bad, says in ((fifo, "not a regular file"), (folder, "not a regular file")):
+        s, err = lab.init("school-1", bad, check=False)
+        one_line(err, str(bad), says)
+        _nothing_made(s)
+
+
 def test_bundle_changed_and_resigned_by_another_key_is_refused(lab: Lab) -> None:
     b = lab.bundle("school-1")
     raw = b.read_bytes()
