@@ -737,6 +737,9 @@ def _render_status(st: dict[str, Any]) -> str:
                           + ("" if lz["held"] else " (not held yet)"))
             lines.append(f"{s['id']:<20} {_age(s['last_seen']):<16} {s['how'] or '-':<7} "
                          f"{durable.mib(s['waiting_bytes']):>10}  {holds}")
+    for b in st.get("bundles", []):  # schools on their way: bundles made, not yet used up
+        who = b["school"] or f"region {b['prefix']}* ({b['used']} of {b['count']} enrolled)"
+        lines.append(f"bundle:    {who}: not used yet, valid until {_date(b['expires'])} (token {b['token']})")
     lines.append("")
     store = st["store"]
     lines.append(f"store: {store['objects']} objects, {durable.mib(store['bytes'])}")

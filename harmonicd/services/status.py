@@ -71,6 +71,7 @@ def status(store: Store, store_size: dict[str, int] | None = None) -> dict[str, 
         out["clock"] = leases.clock_status(store)
     else:
         out["schools"] = _schools(store)
+        out["bundles"] = _bundles(store)
     out["store"] = store_size if store_size is not None else store_size_of(store)
     return out
 
@@ -93,6 +94,21 @@ def _schools(store: Store) -> list[dict[str, Any]]:
                      "revoked": bool(p.revoked), "holds": held, "sent": data, "waiting_bytes": waiting,
                      "leases": leases.school_summary(store, p.id, held.get(f"{store.cfg.id}/leases", 0))})
     return rows
+
+
+def _bundles(store: Store) -> list[dict[str, Any]]:
+    """Master: the bootstrap bundles still waiting to be used (not expired, not
+    withdrawn, enrollments left): which schools are on their way."""
+    db = store.db
+    now = int(time.time())
+    out = []
+    for t in db.tokens():
+        used = len(db.token_uses(t.id))
+        if t.withdrawn or t.expires <= now or used >= t.count:
+            continue
+        out.append({"token": t.id.hex()[:8], "school": t.school, "prefix": t.prefix, "used": used,
+                    "count": t.count, "expires": _iso(t.expires)})
+    return out
 
 
 def store_size_of(store: Store) -> dict[str, int]:

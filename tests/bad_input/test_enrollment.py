@@ -425,3 +425,30 @@ def test_root_init_hands_the_state_to_the_daemons_user(lab: Lab) -> None:
     owners = {(p, p.lstat().st_uid) for p in s.state.rglob("*")}
     assert owners
     assert {uid for _p, uid in owners} == {65534}, sorted(str(p) for p, uid in owners if uid != 65534)
+
+
+def test_master_status_lists_the_bundles_not_used_yet(lab: Lab) -> None:
+    """Schools on their way: a bundle shows in the master's status until it is used up,
+    withdrawn (a newer one, a revocation) or expired."""
+    import json
+
+    def bundles() -> list[dict[str, object]]:
+        return json.loads(lab.master.ctl("status", "--json").stdout)["bundles"]  # type: ignore[no-any-return]
+
+    one = lab.bundle("school-1")
+    lab.master.ctl("bundle", "--region", "north-", "--count", "2", "--out", str(lab.tmp / "north.hbundle"),
+                   "--sticks-only")
+    lab.bundle("school-3")
+    lab.master.ctl("revoke", "school-3")  # never enrolled: its token withdrawn
+    got = bundles()
+    assert [(b["school"], b["prefix"], b["used"], b["count"]) for b in got] == [
+        ("school-1", None, 0, 1), (None, "north-", 0, 2)], got
+    text = lab.master.ctl("status").stdout
+    assert "bundle:    school-1: not used yet, valid until " in text
+    assert "bundle:    region north-* (0 of 2 enrolled): not used yet" in text
+    s, _ = lab.init("school-1", one)
+    n, _ = lab.init("north-a", lab.tmp / "north.hbundle", "--id", "a")
+    for x in (s, n):
+        x.ctl("exchange", str(lab.stick))
+    lab.master.ctl("exchange", str(lab.stick))
+    assert [(b["prefix"], b["used"]) for b in bundles()] == [("north-", 1)]
