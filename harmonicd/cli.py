@@ -73,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     bu.add_argument("--region", metavar="PREFIX", help="one bundle for up to --count servers, ids PREFIX+name")
     bu.add_argument("--count", type=int, help="with --region: how many servers may enroll with it")
     rv = sub.add_parser("revoke", parents=[common], help="master: refuse school server ID from now on")
-    rv.add_argument("id")
+    rv.add_argument("id", nargs="?")
+    rv.add_argument("--bundle", metavar="TOKEN",
+                    help="instead: withdraw a bundle not used up yet (its token as status shows it)")
 
     sub.add_parser("key", parents=[common],
                    help="print this server's public key (the master: the key schools pin, its first)")
@@ -207,9 +209,11 @@ def _run(args: argparse.Namespace, path: str) -> int:
         if cmd == "bundle":
             return _bundle(store, args)
         if cmd == "revoke":
-            from harmonicd.services.enrollment import revoke
+            from harmonicd.services.enrollment import revoke, withdraw_bundle
 
-            print(revoke(store, args.id))
+            if (args.id is None) == (args.bundle is None):
+                raise UsageError("revoke: give a school server's ID, or --bundle TOKEN (not both)")
+            print(revoke(store, args.id) if args.id is not None else withdraw_bundle(store, args.bundle))
             return 0
         if cmd == "enroll":
             from harmonicd.services.setup import enroll

@@ -210,7 +210,7 @@ def first_contact(store: Store, h: Header, where: str = "pack") -> Enrollment | 
         raise EnrollmentRefused(f"{h.sender!r} presents an unknown {name} (not made by this master)")
     if t.withdrawn:
         raise EnrollmentRefused(f"{h.sender!r} presents {name}, which was withdrawn (a newer bundle replaced it, "
-                                "or its school was revoked)")
+                                "its school was revoked, or `revoke --bundle`)")
     now = int(time.time())
     if now >= t.expires:
         raise EnrollmentRefused(f"{h.sender!r} presents {name}, which expired at {iso(t.expires)}: make a new "
@@ -252,6 +252,32 @@ def record(db: StateDB, e: Enrollment, now: int) -> None:
 
 
 # --------------------------------------------------------------------------- master: revocation
+
+
+def withdraw_bundle(store: Store, token: str) -> str:
+    """Master: a bundle not used up yet is no longer accepted (a region's image
+    copied where it should not be, a bundle lost with its stick). Servers it
+    already enrolled stay enrolled: revoke those by id. Returns one line."""
+    if not store.cfg.is_master:
+        raise UsageError("revoke --bundle is for the master")
+    text = token.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,32}", text):
+        raise UsageError(f"revoke --bundle {token[:40]!r}: give the token as status shows it (8 hex digits)")
+    db = store.db
+    found = [t for t in db.tokens() if t.id.hex().startswith(text)]
+    if not found:
+        raise UsageError(f"revoke --bundle {text}: no bundle with that token")
+    if len(found) > 1:
+        raise UsageError(f"revoke --bundle {text}: {len(found)} bundles' tokens start so; give more digits")
+    t = found[0]
+    who = t.school or f"region {t.prefix}*"
+    if t.withdrawn:
+        return f"the bundle for {who} (token {text}) was withdrawn already"
+    with db.tx():
+        db.withdraw_token(t.id)
+    used = len(db.token_uses(t.id))
+    return (f"withdrew the bundle for {who} (token {text}): no server enrolls with it from now on"
+            + (f"; the {used} it enrolled stay enrolled (revoke them by id)" if used else ""))
 
 
 def revoke(store: Store, school: str) -> str:

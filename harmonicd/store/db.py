@@ -294,6 +294,9 @@ class StateDB:
         self.conn.execute("UPDATE tokens SET withdrawn=1 WHERE school=? AND id NOT IN "
                           "(SELECT token FROM token_uses)", (school,))
 
+    def withdraw_token(self, tid: bytes) -> None:
+        self.conn.execute("UPDATE tokens SET withdrawn=1 WHERE id=?", (tid,))
+
     def token_uses(self, tid: bytes) -> dict[str, bytes]:
         """school -> the key it proved the token with."""
         return {r[0]: r[1] for r in self.conn.execute("SELECT school, key FROM token_uses WHERE token=?", (tid,))}

@@ -28,7 +28,7 @@ from tests.bad_input.helpers import (
     snapshot,
     sync_once,
 )
-from tests.conftest import Server, make_master, tree_digest, write_tree
+from tests.conftest import Server, make_master, tree_digest, trusted_state, write_tree
 
 
 @dataclass
@@ -452,3 +452,32 @@ def test_master_status_lists_the_bundles_not_used_yet(lab: Lab) -> None:
         x.ctl("exchange", str(lab.stick))
     lab.master.ctl("exchange", str(lab.stick))
     assert [(b["prefix"], b["used"]) for b in bundles()] == [("north-", 1)]
+
+    # The region's image was copied where it should not be: its bundle is withdrawn;
+    # the server it enrolled stays, no other enrolls with it.
+    token = str(bundles()[0]["token"])
+    before = trusted_state(lab.master)
+    for args, says in (((), "give a school server's ID, or --bundle TOKEN"),
+                       (("north-a", "--bundle", token), "not both"),
+                       (("--bundle", "zz"), "8 hex digits"),
+                       (("--bundle", "00000000"), "no bundle with that token")):
+        p = lab.master.ctl("revoke", *args, check=False)
+        assert p.returncode == 2, (args, p.stderr)
+        one_line(p.stderr, says)
+    assert trusted_state(lab.master) == before
+    out = lab.master.ctl("revoke", "--bundle", token).stdout
+    assert "withdrew the bundle for region north-* " in out
+    assert "the 1 it enrolled stay enrolled" in out
+    assert bundles() == []
+    b2, _ = lab.init("north-b", lab.tmp / "north.hbundle", "--id", "b")
+    b2.ctl("exchange", str(lab.stick))
+    p = lab.master.ctl("exchange", str(lab.stick), check=False)
+    assert p.returncode == 1
+    assert "'north-b' presents enrollment token" in p.stderr
+    assert "which was withdrawn" in p.stderr
+    n.ctl("exchange", str(lab.stick))  # the one it enrolled is still taken
+    with lab.master.store(lock=False) as st:
+        assert st.db.peer("north-b") is None
+        peer = st.db.peer("north-a")
+        assert peer is not None
+        assert not peer.revoked
