@@ -280,3 +280,29 @@ def test_whole_visit_of_the_relay(route: Route, start_daemon: Callable[..., Daem
         out = s.ctl("exchange", str(rt.stick)).stdout
         assert "master-1 confirmed backup release 1" in out, out
         assert tree_digest(s.deploy / "content") == tree_digest(rt.content)
+
+
+def test_a_revoked_schools_request_on_the_stick_is_refused_by_the_relay(
+        route: Route, start_daemon: Callable[..., DaemonProc]) -> None:
+    """school-b's server was stolen: once the relay holds the master's revocation
+    list (from its own online sync), school-b's request on a stick is refused with
+    one line, neither queued nor answered, and left on the stick; school-a's
+    beside it is relayed as ever."""
+    rt = route
+    start_daemon(rt.master)
+    rt.master.ctl("revoke", "school-b")
+    with rt.relay.store() as st:
+        forward_now(st)  # one online sync: the master's answer carries its signed revocation list
+    _schools_leave_requests(rt)
+    (b_request,) = _requests(rt, "school-b")
+    exported, refused, calls = _relay_visit(rt)
+    assert calls == 1, "school-a's request forwarded"
+    assert len(refused) == 1, refused
+    assert refused[0].startswith(f"{b_request}: "), refused
+    assert "revoked" in refused[0]
+    assert "\n" not in refused[0]
+    assert b_request.exists(), "left on the stick: the relay deletes nothing it refused"
+    assert _queued(rt, "school-b") == []
+    assert not (rt.box / "to-school-b").exists()
+    assert [e.recipient for e in exported] == ["school-a"]
+    assert _requests(rt, "school-a") == []
