@@ -37,16 +37,21 @@ ROOT = Path(__file__).resolve().parents[2]
 CLOCK = "HARMONICD_TEST_CLOCK_OFFSET"
 
 
-def laptop_check() -> Callable[..., dict[str, Any]]:
-    """check_lease as docs/leases.md §3 gives it to laptop makers, run as written."""
+def docs_function(section: str, name: str) -> Callable[..., Any]:
+    """A function docs/leases.md gives laptop makers: the first python block of the
+    section, run as written."""
     text = (ROOT / "docs" / "leases.md").read_text()
-    section = text.split("## 3. Checking a lease on the laptop", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None, "docs/leases.md §3 has no python block"
+    code = re.search(r"```python\n(.*?)```", text.split(section, 1)[1], re.S)
+    assert code is not None, f"docs/leases.md {section!r} has no python block"
     ns: dict[str, Any] = {}
     exec(compile(code.group(1), "docs/leases.md", "exec"), ns)
-    fn: Callable[..., dict[str, Any]] = ns["check_lease"]
+    fn: Callable[..., Any] = ns[name]
     return fn
+
+
+def laptop_check() -> Callable[..., dict[str, Any]]:
+    """check_lease, docs/leases.md §3."""
+    return docs_function("## 3. Checking a lease on the laptop", "check_lease")
 
 
 def get_lease(port: int, serial: str) -> tuple[int, bytes]:
@@ -294,15 +299,8 @@ def test_lease_commands_refuse_bad_input(tmp_path: Path) -> None:
 
 
 def laptop_chain() -> Callable[..., tuple[int, bytes]]:
-    """signing_key_now as docs/leases.md §6 gives it, run as written."""
-    text = (ROOT / "docs" / "leases.md").read_text()
-    section = text.split("## 6. Key rotation", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None, "docs/leases.md §6 has no python block"
-    ns: dict[str, Any] = {}
-    exec(compile(code.group(1), "docs/leases.md", "exec"), ns)
-    fn: Callable[..., tuple[int, bytes]] = ns["signing_key_now"]
-    return fn
+    """signing_key_now, docs/leases.md §6."""
+    return docs_function("## 6. Key rotation", "signing_key_now")
 
 
 def test_leases_after_a_key_rotation(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
