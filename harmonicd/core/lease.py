@@ -279,10 +279,12 @@ def clock_warning(system: int, floor: int | None, master_offset: int | None, tol
 
 
 def _span(seconds: int) -> str:
+    """Rounded to the nearest unit: a clock 20 days behind a time signed a second
+    ago is "20 days" behind, not 19."""
     if seconds >= 2 * DAY:
-        return f"{seconds // DAY} days"
+        return f"{round(seconds / DAY)} days"
     if seconds >= 3600:
-        return f"{seconds // 3600} h"
+        return f"{round(seconds / 3600)} h"
     if seconds >= 60:
-        return f"{seconds // 60} min"
+        return f"{round(seconds / 60)} min"
     return f"{seconds} s"
