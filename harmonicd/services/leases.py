@@ -226,7 +226,8 @@ def _renewable(store: Store) -> list[str]:
 
 
 def renew_due(store: Store) -> list[Issued]:
-    return renew(store, due(store)) if due(store) else []
+    schools = due(store)
+    return renew(store, schools) if schools else []
 
 
 def _write_folder(folder: str, files: dict[str, bytes]) -> None:

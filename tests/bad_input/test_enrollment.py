@@ -61,6 +61,20 @@ def lab(tmp_path: Path) -> Lab:
     return Lab(m, content, tmp_path, stick)
 
 
+def refused_at_the_master(lab: Lab, school: Server, stick_name: str, why: str) -> Path:
+    """school's request, on a stick of its own, is refused by the master (one line
+    naming the pack and why) with the master's state unchanged. Returns the stick."""
+    stick = lab.tmp / stick_name
+    stick.mkdir()
+    school.ctl("exchange", str(stick))
+    (req,) = requests_on(stick, school.cfg().id)
+    before = snapshot(lab.master)
+    p = exchange(lab.master, stick)
+    refusal(p, req, why)
+    assert_unchanged(lab.master, before)
+    return stick
+
+
 def files_digest(*paths: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else "absent" for p in paths}
 
@@ -233,14 +247,7 @@ def test_used_bundle_proved_by_a_second_key_is_refused(lab: Lab) -> None:
     # The same bundle again, on another machine: a new key, the same id and token.
     thief, _ = lab.init("thief", b)  # (its folder's name; the id is the bundle's)
     assert thief.cfg().id == "school-1"
-    thief_stick = lab.tmp / "stick-thief"
-    thief_stick.mkdir()
-    thief.ctl("exchange", str(thief_stick))
-    (req,) = requests_on(thief_stick, "school-1")
-    before = snapshot(lab.master)
-    p = exchange(lab.master, thief_stick)
-    refusal(p, req, r"was used already by school-1 with another key")
-    assert_unchanged(lab.master, before)
+    thief_stick = refused_at_the_master(lab, thief, "stick-thief", r"was used already by school-1 with another key")
     assert token_uses(lab.master) == [("school-1", keys.parse_key(key))]
     assert not (thief_stick / "HARMONIC" / "to-school-1").exists()
 
@@ -377,14 +384,7 @@ def test_stolen_server_replaced_under_the_same_id(lab: Lab) -> None:
     assert (lab.master.deploy / "school-1/backup" / "notes.txt").read_bytes() == b"after the replacement\n"
     # The old key stays refused, whatever it does.
     write_tree(old.source("stats"), {"x.csv": b"1\n"})
-    thief_stick = lab.tmp / "stick-old"
-    thief_stick.mkdir()
-    old.ctl("exchange", str(thief_stick))
-    (req,) = requests_on(thief_stick, "school-1")
-    before = snapshot(lab.master)
-    p = exchange(lab.master, thief_stick)
-    refusal(p, req, r"whose enrollment was revoked")
-    assert_unchanged(lab.master, before)
+    refused_at_the_master(lab, old, "stick-old", r"whose enrollment was revoked")
 
 
 def test_bundle_after_a_key_rotation_starts_the_school_at_the_current_version(lab: Lab) -> None:

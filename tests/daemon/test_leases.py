@@ -88,6 +88,15 @@ def sync(s: Server) -> str:
     return p.stdout
 
 
+def issue_expired_leases(m: Server, tmp_path: Path) -> None:
+    """Leases issued by a master whose clock read 40 days ago: 30-day leases that ran
+    out 10 days ago; renewed by hand in these tests, not by the master's daemon."""
+    m.ctl("lease", "issue", "school-1", "--serials", str(tmp_path / "serials.txt"), "--days", "30",
+          env={CLOCK: str(-40 * DAY)})
+    with m.config.open("a") as f:
+        f.write("\n[leases]\nauto_renew = false\n")
+
+
 def test_laptop_gets_its_lease_online(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
     m, s, master_key, port = setup(tmp_path)
     out = m.ctl("lease", "issue", "school-1", "--serials", str(tmp_path / "serials.txt"), "--days", "30").stdout
@@ -131,11 +140,7 @@ def test_laptop_gets_its_lease_online(tmp_path: Path, start_daemon: Callable[...
 
 def test_expired_lease_not_served_until_renewed(tmp_path: Path, start_daemon: Callable[..., DaemonProc]) -> None:
     m, s, master_key, port = setup(tmp_path)
-    # Issued by a master whose clock read 40 days ago: 30-day leases that ran out 10 days ago.
-    m.ctl("lease", "issue", "school-1", "--serials", str(tmp_path / "serials.txt"), "--days", "30",
-          env={CLOCK: str(-40 * DAY)})
-    with m.config.open("a") as f:  # renewed by hand here, not by the master's daemon
-        f.write("\n[leases]\nauto_renew = false\n")
+    issue_expired_leases(m, tmp_path)
     start_daemon(m)
     d = start_daemon(s)
     sync(s)
@@ -160,10 +165,7 @@ def test_school_clock_behind_is_reported_and_leases_judged_at_the_floor(
     """A school whose clock reads 20 days ago would take a lease that ran out 10
     days ago as valid; the floor (the master's signed time) says it ran out."""
     m, s, master_key, port = setup(tmp_path)
-    m.ctl("lease", "issue", "school-1", "--serials", str(tmp_path / "serials.txt"), "--days", "30",
-          env={CLOCK: str(-40 * DAY)})
-    with m.config.open("a") as f:  # renewed by hand here, not by the master's daemon
-        f.write("\n[leases]\nauto_renew = false\n")
+    issue_expired_leases(m, tmp_path)
     start_daemon(m)
     d = start_daemon(s, env={CLOCK: str(-20 * DAY)})
     sync(s)
